@@ -1,0 +1,44 @@
+// Input checks shared by the CPU and CUDA kernels: every failure names the op, the argument and what is wrong.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace nvg {
+
+inline void check_granularity_cluster(const at::Tensor& f) {
+  TORCH_CHECK(f.dim() == 3, "granularity_cluster: f must be a 3-D tensor [B, N, C], got shape ", f.sizes());
+  TORCH_CHECK(at::isFloatingType(f.scalar_type()), "granularity_cluster: f must be a floating-point tensor, got ",
+              f.scalar_type());
+  const int64_t B = f.size(0), N = f.size(1), C = f.size(2);
+  TORCH_CHECK(B > 0, "granularity_cluster: empty batch (B = 0) in f of shape ", f.sizes());
+  TORCH_CHECK(N > 0 && (N & (N - 1)) == 0, "granularity_cluster: N = f.size(1) must be a power of two, got N = ", N);
+  TORCH_CHECK(N <= 65536, "granularity_cluster: N = ", N, " is larger than the supported 65536 positions");
+  TORCH_CHECK(C > 0, "granularity_cluster: f has no channels (C = 0)");
+}
+
+inline void check_cluster_quantize(const at::Tensor& residual, const at::Tensor& labels, int64_t num_clusters,
+                                   const at::Tensor& codebook) {
+  TORCH_CHECK(residual.dim() == 3, "cluster_quantize: residual must be a 3-D tensor [B, N, C], got shape ",
+              residual.sizes());
+  TORCH_CHECK(labels.dim() == 2, "cluster_quantize: labels must be a 2-D tensor [B, N], got shape ", labels.sizes());
+  TORCH_CHECK(codebook.dim() == 2, "cluster_quantize: codebook must be a 2-D tensor [V, C], got shape ",
+              codebook.sizes());
+  TORCH_CHECK(at::isFloatingType(residual.scalar_type()), "cluster_quantize: residual must be floating-point, got ",
+              residual.scalar_type());
+  TORCH_CHECK(at::isFloatingType(codebook.scalar_type()), "cluster_quantize: codebook must be floating-point, got ",
+              codebook.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "cluster_quantize: labels must be int64 (long), got ",
+              labels.scalar_type());
+  TORCH_CHECK(residual.size(0) > 0, "cluster_quantize: empty batch (B = 0) in residual of shape ", residual.sizes());
+  TORCH_CHECK(labels.size(0) == residual.size(0) && labels.size(1) == residual.size(1),
+              "cluster_quantize: labels shape ", labels.sizes(), " does not match residual [B, N] = [",
+              residual.size(0), ", ", residual.size(1), "]");
+  TORCH_CHECK(codebook.size(1) == residual.size(2), "cluster_quantize: codebook has C = ", codebook.size(1),
+              " channels but residual has C = ", residual.size(2));
+  TORCH_CHECK(codebook.size(0) > 0, "cluster_quantize: the codebook is empty (V = 0)");
+  TORCH_CHECK(num_clusters > 0, "cluster_quantize: num_clusters must be positive, got ", num_clusters);
+  TORCH_CHECK(residual.device() == labels.device() && residual.device() == codebook.device(),
+              "cluster_quantize: residual (", residual.device(), "), labels (", labels.device(), ") and codebook (",
+              codebook.device(), ") must be on the same device");
+}
+
+}  // namespace nvg
