@@ -38,7 +38,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
-    t = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    t = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     g = torch.exp(-t.square() / (2 * sigma * sigma))
     return g / g.sum()
 
@@ -53,7 +53,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
         float32 [B].
     """
     _check_pair(a, b, "ssim")
-    x, y = (a.float() + 1) / 2, (b.float() + 1) / 2
+    x, y = (a.double() + 1) / 2, (b.double() + 1) / 2  # float64: the variances below are differences of squares
     c = x.shape[1]
     size = min(window, x.shape[2], x.shape[3])
     size -= 1 - size % 2  # odd
@@ -69,7 +69,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     syy = blur(y * y) - my * my
     sxy = blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.flatten(1).mean(1)
+    return s.flatten(1).mean(1).float()
 
 
 def codebook_usage(ids, vocab_size: int) -> dict:
