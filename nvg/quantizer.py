@@ -153,7 +153,7 @@ class MultiGranularityQuantizer(nn.Module):
             f_hat = torch.zeros_like(f)
             losses, tokens = [], []
             for si in range(self.num_stages):
-                lab = labels[:, si]
+                lab = labels[:, si].contiguous()
                 n = 2**si
                 if ibq:
                     mean_BnC = cluster_mean(rest_BNC, lab, n)
