@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers torch.ops.nvg.*)
+from . import ops
 
 
 @dataclass
@@ -147,7 +147,7 @@ class MultiGranularityQuantizer(nn.Module):
             f_ng = f.detach()
             B, C = f.shape[:2]
             f_ng_BNC = self._to_BNC(f_ng).contiguous()
-            labels = torch.ops.nvg.granularity_cluster(f_ng_BNC)
+            labels = ops.granularity_cluster(f_ng_BNC)
             E = self.embedding.weight
             rest_BNC = f_ng_BNC.clone()
             f_hat = torch.zeros_like(f)
@@ -163,7 +163,7 @@ class MultiGranularityQuantizer(nn.Module):
                     one_hot = F.one_hot(ids, self.codebook_size).to(prob.dtype) - prob.detach() + prob
                     code_BnC = one_hot @ E
                 else:
-                    ids, _ = torch.ops.nvg.cluster_quantize(rest_BNC.detach(), lab, n, E.detach())
+                    ids, _ = ops.cluster_quantize(rest_BNC.detach(), lab, n, E.detach())
                     code_BnC = self.embedding(ids)
                 tokens.append(ids)
                 h_BNC = self._phi(si, code_BnC.gather(1, lab.unsqueeze(-1).expand(-1, -1, C)))
@@ -186,7 +186,7 @@ class MultiGranularityQuantizer(nn.Module):
             if not torch.isfinite(f_BNC).all():
                 raise ValueError("quantizer.encode: the latent contains NaN or Inf values")
             B, N, C = f_BNC.shape
-            labels = torch.ops.nvg.granularity_cluster(f_BNC)
+            labels = ops.granularity_cluster(f_BNC)
             E = self.embedding.weight.float()
             rest = f_BNC.clone()
             f_hat = torch.zeros_like(f_BNC)
@@ -195,7 +195,7 @@ class MultiGranularityQuantizer(nn.Module):
             for si in range(self.num_stages):
                 canvas[:, si] = f_hat
                 lab = labels[:, si].contiguous()
-                ids, _ = torch.ops.nvg.cluster_quantize(rest, lab, 2**si, E)
+                ids, _ = ops.cluster_quantize(rest, lab, 2**si, E)
                 h = self.embed_stage(si, ids, lab)
                 f_hat += h
                 rest -= h
