@@ -4,6 +4,11 @@
 
 namespace nvg {
 
+// Non-finite values would make every distance comparison false: reject them instead of returning arbitrary labels.
+inline void check_finite(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isfinite(t).all().item<bool>(), op, ": ", name, " contains NaN or infinite values");
+}
+
 inline void check_granularity_cluster(const at::Tensor& f) {
   TORCH_CHECK(f.dim() == 3, "granularity_cluster: f must be a 3-D tensor [B, N, C], got shape ", f.sizes());
   TORCH_CHECK(at::isFloatingType(f.scalar_type()), "granularity_cluster: f must be a floating-point tensor, got ",
@@ -13,6 +18,8 @@ inline void check_granularity_cluster(const at::Tensor& f) {
   TORCH_CHECK(N > 0 && (N & (N - 1)) == 0, "granularity_cluster: N = f.size(1) must be a power of two, got N = ", N);
   TORCH_CHECK(N <= 65536, "granularity_cluster: N = ", N, " is larger than the supported 65536 positions");
   TORCH_CHECK(C > 0, "granularity_cluster: f has no channels (C = 0)");
+  TORCH_CHECK(f.is_contiguous(), "granularity_cluster: f must be contiguous (got a non-contiguous view with strides ",
+              f.strides(), "); call .contiguous() first");
 }
 
 inline void check_cluster_quantize(const at::Tensor& residual, const at::Tensor& labels, int64_t num_clusters,
@@ -36,6 +43,10 @@ inline void check_cluster_quantize(const at::Tensor& residual, const at::Tensor&
               " channels but residual has C = ", residual.size(2));
   TORCH_CHECK(codebook.size(0) > 0, "cluster_quantize: the codebook is empty (V = 0)");
   TORCH_CHECK(num_clusters > 0, "cluster_quantize: num_clusters must be positive, got ", num_clusters);
+  TORCH_CHECK(residual.is_contiguous() && labels.is_contiguous() && codebook.is_contiguous(),
+              "cluster_quantize: residual, labels and codebook must be contiguous (non-contiguous: ",
+              residual.is_contiguous() ? "" : "residual ", labels.is_contiguous() ? "" : "labels ",
+              codebook.is_contiguous() ? "" : "codebook", "); call .contiguous() first");
   TORCH_CHECK(residual.device() == labels.device() && residual.device() == codebook.device(),
               "cluster_quantize: residual (", residual.device(), "), labels (", labels.device(), ") and codebook (",
               codebook.device(), ") must be on the same device");

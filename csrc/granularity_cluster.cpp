@@ -138,6 +138,7 @@ at::Tensor granularity_cluster_cpu(const at::Tensor& f) {
   int64_t K = 0;
   while ((int64_t(1) << K) < N) ++K;
   const at::Tensor x = f.to(at::kDouble).contiguous();
+  check_finite(x, "granularity_cluster", "f");
   at::Tensor out = at::zeros({B, K + 1, N}, f.options().dtype(at::kLong));
   const double* xp = x.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();

@@ -1,0 +1,98 @@
+"""granularity_cluster: compiled kernels against the reference, the official outputs, and bad inputs."""
+import pytest
+import torch
+
+from nvg.ops import granularity_cluster, granularity_cluster_ref
+
+REFERENCE = "../shared/reference/nvg_ref_small.pt"
+
+
+def sample_inputs(device):
+    """(id, f) pairs: random and awkward shapes, duplicated vectors (exact ties), integer grids, large magnitudes."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for B, N, C in [(1, 2, 1), (3, 4, 5), (1, 1, 3), (2, 16, 7), (5, 32, 3), (2, 256, 32), (1, 256, 13)]:
+        cases.append((f"randn-B{B}-N{N}-C{C}", torch.randn(B, N, C, generator=g)))
+    dup = torch.randn(2, 8, 3, generator=g).repeat(1, 8, 1)  # every vector appears 8 times: ties everywhere
+    cases.append(("duplicates-B2-N64-C3", dup))
+    cases.append(("all-equal-B1-N16-C2", torch.ones(1, 16, 2)))
+    grid = torch.randint(-2, 3, (3, 64, 5), generator=g).float()  # small integers: many exactly equal distances
+    cases.append(("int-grid-B3-N64-C5", grid))
+    cases.append(("large-B2-N32-C6", torch.randn(2, 32, 6, generator=g) * 1e15))
+    cases.append(("float64-B2-N16-C4", torch.randn(2, 16, 4, generator=g, dtype=torch.float64)))
+    return [(name, f.to(device)) for name, f in cases]
+
+
+def check_structure(labels, N):
+    """Nested (child // 2 == parent) and equal-sized clusters at every level."""
+    K = labels.shape[1] - 1
+    assert N == 2**K
+    assert (labels[:, 0] == 0).all()
+    for i in range(1, K + 1):
+        assert torch.equal(labels[:, i] // 2, labels[:, i - 1])
+        counts = torch.stack([torch.bincount(row, minlength=2**i) for row in labels[:, i].cpu()])
+        assert (counts == N // 2**i).all()
+
+
+@pytest.mark.parametrize("idx", range(len(sample_inputs("cpu"))), ids=[n for n, _ in sample_inputs("cpu")])
+def test_matches_reference(device, idx):
+    name, f = sample_inputs(device)[idx]
+    out = granularity_cluster(f)
+    assert out.dtype == torch.long and out.shape == (f.shape[0], f.shape[1].bit_length(), f.shape[1])
+    assert out.device == f.device
+    ref = granularity_cluster_ref(f.cpu())
+    assert torch.equal(out.cpu(), ref), name
+    check_structure(out, f.shape[1])
+
+
+def test_official_reference_labels():
+    ref = torch.load(REFERENCE, weights_only=False)
+    f = ref["clustering.f"]
+    assert torch.equal(granularity_cluster(f), ref["clustering.labels"])
+    assert torch.equal(granularity_cluster_ref(f), ref["clustering.labels"])
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_large_batch():
+    f = torch.randn(67, 256, 32)
+    assert torch.equal(granularity_cluster(f.cuda()).cpu(), granularity_cluster(f))
+
+
+def test_half_precision_inputs_are_clustered_in_double():
+    f = torch.randn(2, 16, 8).half()
+    assert torch.equal(granularity_cluster(f), granularity_cluster_ref(f))
+
+
+def test_opcheck():
+    f = torch.randn(3, 16, 5)
+    torch.library.opcheck(torch.ops.nvg.granularity_cluster.default, (f,))
+
+
+def test_compile_fullgraph():
+    f = torch.randn(2, 8, 3)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def fn(x):
+        return granularity_cluster(x * 2.0) + 1
+
+    assert torch.equal(fn(f), granularity_cluster(f * 2.0) + 1)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: torch.randn(16, 4), "3-D tensor"),
+        (lambda: torch.randn(1, 2, 16, 4), "3-D tensor"),
+        (lambda: torch.randn(2, 12, 4), "power of two"),
+        (lambda: torch.randn(2, 0, 4), "power of two"),
+        (lambda: torch.randn(0, 16, 4), "empty batch"),
+        (lambda: torch.randn(2, 16, 0), "no channels"),
+        (lambda: torch.randint(0, 5, (2, 16, 4)), "floating-point"),
+        (lambda: torch.randn(2, 4, 16).transpose(1, 2), "contiguous"),
+        (lambda: torch.full((1, 4, 2), float("nan")), "NaN"),
+    ],
+    ids=["rank2", "rank4", "N12", "N0", "B0", "C0", "int", "noncontig", "nan"],
+)
+def test_bad_inputs(make, match):
+    with pytest.raises(RuntimeError, match=match):
+        granularity_cluster(make())
