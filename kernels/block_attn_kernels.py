@@ -76,7 +76,8 @@ def _block_attn_fwd_kernel(Q, K, V, O, LSE, KV_LEN, sm_scale,
                            stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_nb,
                            H, Lq, Lk, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     """O = softmax(Q Kᵀ·scale + mask) V and LSE = logsumexp of the masked logits (natural log), per query row."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    # Last query tiles first: under block-causal masks they see the most keys, so the longest programs start early.
+    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     Q += i_b * stride_qb + i_h * stride_qh
     K += i_b * stride_kb + i_h * stride_kh
@@ -218,7 +219,7 @@ def _block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, DQ, sm_scale,
                               H, Lq, Lk, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                               PRECISION: tl.constexpr):
     """dQ = scale · dS K for one query tile, looping over its allowed key prefix only (as the forward)."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)  # longest programs first
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     Q += i_b * stride_qb + i_h * stride_qh
     K += i_b * stride_kb + i_h * stride_kh

@@ -139,6 +139,8 @@ def test_block_attention_op_and_grads(case, device):
 
 
 def test_opcheck(device):
+    # the Python triton_ops share the `nvg` namespace with the C++ ops of nvg._C (a FRAGMENT library)
+    assert hasattr(torch.ops.nvg, "granularity_cluster") and hasattr(torch.ops.nvg, "block_attn_fwd")
     q, k, v, q_block, k_block = sample_inputs(CASES[3], device, torch.float32)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     torch.library.opcheck(torch.ops.nvg.block_attn_fwd.default, (q, k, v, q_block, k_block, 0.125))

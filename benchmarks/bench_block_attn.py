@@ -1,0 +1,182 @@
+"""Block attention: nvg's Triton kernel against SDPA with a dense -inf bias, FlexAttention and SDPA without a mask.
+
+    pytest benchmarks/bench_block_attn.py --benchmark-only
+
+With CUDA: the H200 anchor shapes (../shared/spec/anchors.md), bf16, forward and forward + backward, providers
+nvg, sdpa_dense_bias (the baseline, run first in each group), flex_attention (compiled, same block mask) and
+sdpa_nomask (attends to every key: a speed reference, not the same result). Without CUDA: tiny shapes, fp32,
+providers nvg (the Triton kernels in the interpreter) and reference (PyTorch SDPA + boolean mask); group names
+say "cpu-tiny" and the times say nothing about GPU speed.
+
+extra_info: TFLOP/s counting allowed (query, key) pairs only, 4·B·H·D·pairs for the forward (two matmuls) and
+3.5× that for forward + backward (five more matmuls in the backward, P recomputed); speedup_vs_sdpa_dense_bias
+(baseline median / this median, same run); on CUDA also triton.testing.do_bench's median (do_bench_ms).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nvg.kernels import block_attention, block_attention_ref, block_mask
+from nvg.kernels.block_attn import block_attn_bwd_triton, block_attn_fwd_triton
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+VAR_SIDES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR-d16 at 256 px: 680 tokens over 10 scales
+
+
+def var_ids(sides):
+    return torch.repeat_interleave(torch.arange(len(sides)), torch.tensor([n * n for n in sides]))
+
+
+def prefix_ids(L, prefix):
+    return (torch.arange(L) >= prefix).long()
+
+
+if HAS_CUDA:
+    DTYPE = torch.bfloat16
+    SHAPES = {  # name: (B, H, D, block ids)
+        "var-d16-train-B32-H16-L680": (32, 16, 64, var_ids(VAR_SIDES)),
+        "nvg-structure-prefix-B224-H8-L513": (224, 8, 64, prefix_ids(513, 257)),
+    }
+    PROVIDERS = ["sdpa_dense_bias", "nvg", "flex_attention", "sdpa_nomask"]
+    LABEL = ""
+else:
+    DTYPE = torch.float32
+    SHAPES = {
+        "var-tiny-B1-H2-L30": (1, 2, 32, var_ids((1, 2, 3, 4))),
+        "prefix-tiny-B1-H2-L33": (1, 2, 32, prefix_ids(33, 17)),
+    }
+    PROVIDERS = ["reference", "nvg"]
+    LABEL = " cpu-tiny (CPU, tiny, interpreter/reference)"
+BASELINE = PROVIDERS[0]
+
+
+def attention_fn(provider, ids, B, H, L):
+    """A callable (q, k, v) -> out for the provider, with its mask built once, outside the timing."""
+    if provider == "nvg" and HAS_CUDA:
+        return lambda q, k, v: block_attention(q, k, v, ids, ids, check=False)
+    if provider == "reference":
+        return lambda q, k, v: block_attention_ref(q, k, v, ids, ids)
+    if provider == "sdpa_dense_bias":
+        bias = torch.zeros(L, L, device=DEVICE, dtype=DTYPE).masked_fill_(~block_mask(ids, ids), float("-inf"))
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None, None])
+    if provider == "sdpa_nomask":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if provider == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return ids[kv_idx] <= ids[q_idx]
+
+        mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=DEVICE)
+        flex = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: flex(q, k, v, block_mask=mask)
+    raise ValueError(provider)
+
+
+def interpreter_fns(ids, scale):
+    # CPU: the Triton launchers themselves (interpreter); the op would dispatch to the reference on CPU tensors.
+    def fwd(q, k, v):
+        return block_attn_fwd_triton(q, k, v, ids, ids, scale)[0]
+
+    def fwd_bwd(q, k, v, grad_out):
+        out, lse = block_attn_fwd_triton(q, k, v, ids, ids, scale)
+        return block_attn_bwd_triton(grad_out, q, k, v, out, lse, ids, ids, scale)
+
+    return fwd, fwd_bwd
+
+
+def sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+ROWS = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def markdown_table():
+    """After the run, write the results as a markdown table to .benchmarks/block_attn.md (and print it with -s)."""
+    yield
+    if not ROWS:
+        return
+    head = f"Device: {ROWS[0]['device']}, {ROWS[0]['dtype']}. Speedup = {BASELINE} median / median (same run).\n\n"
+    lines = ["| shape | pass | provider | ms | TFLOP/s (allowed pairs) | speedup vs " + BASELINE + " | do_bench ms |",
+             "|---|---|---|---|---|---|---|"]
+    for r in ROWS:
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['ms']} | {r['TFLOP_per_s']} | "
+                     f"{r.get('speedup_vs_' + BASELINE, '1.0 (baseline)')} | {r.get('do_bench_ms', '-')} |")
+    text = head + "\n".join(lines) + "\n"
+    os.makedirs(".benchmarks", exist_ok=True)
+    with open(os.path.join(".benchmarks", "block_attn.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)
+
+
+def make_timed(provider, shape, mode):
+    """The timed call (ends with a device sync) of one provider on one shape, inputs built here."""
+    B, H, D, ids = SHAPES[shape]
+    L = len(ids)
+    ids = ids.to(DEVICE)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    if provider == "nvg" and not HAS_CUDA:
+        fwd_i, fwd_bwd_i = interpreter_fns(ids, D**-0.5)
+        fn = (lambda: fwd_i(q, k, v)) if mode == "fwd" else (lambda: fwd_bwd_i(q, k, v, grad_out))
+    else:
+        attn = attention_fn(provider, ids, B, H, L)
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+        def fn():
+            if mode == "fwd":
+                with torch.no_grad():
+                    return attn(q, k, v)
+            return torch.autograd.grad(attn(qg, kg, vg), (qg, kg, vg), grad_out)
+
+    def timed():
+        out = fn()
+        sync()
+        return out
+
+    timed()  # compile / autotune before any timing
+    return timed, fn
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_block_attn(benchmark, record_baseline, report_ratio, provider, shape, mode):
+    B, H, D, ids = SHAPES[shape]
+    L = len(ids)
+    benchmark.group = f"block_attn {shape} {mode}{LABEL}"
+    timed, fn = make_timed(provider, shape, mode)
+    rounds, iterations = (30, 10) if HAS_CUDA else (3, 1)
+    benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=1)
+
+    pairs = int(block_mask(ids, ids).sum())
+    flops = 4.0 * B * H * D * pairs * (1.0 if mode == "fwd" else 3.5)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if HAS_CUDA else "cpu (interpreter/reference)",
+                                dtype=str(DTYPE), B=B, H=H, L=L, D=D, allowed_fraction=round(pairs / L**2, 4),
+                                ms=round(median * 1e3, 4), TFLOP_per_s=round(flops / median / 1e12, 3))
+    if HAS_CUDA:
+        import triton.testing
+
+        do_bench_ms = triton.testing.do_bench(fn, warmup=25, rep=200)
+        benchmark.extra_info.update(do_bench_ms=round(do_bench_ms, 4),
+                                    do_bench_TFLOP_per_s=round(flops / do_bench_ms / 1e9, 2))
+    key = ("block_attn", shape, mode)
+    if provider == BASELINE:
+        record_baseline(key, benchmark)
+    else:
+        built = []  # the baseline is built only if its own benchmark was deselected
+
+        def baseline():
+            built or built.append(make_timed(BASELINE, shape, mode)[0])
+            return built[0]()
+
+        report_ratio(key, BASELINE, benchmark, baseline)
+    ROWS.append(dict(benchmark.extra_info, shape=shape, mode=mode, provider=provider))
