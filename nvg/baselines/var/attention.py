@@ -9,9 +9,8 @@ Keys follow the released checkpoints: `mat_qkv.weight` (no bias), `q_bias`, `v_b
     k <- normalize(k)
     out = softmax(q k^T + mask) v                         softmax scale 1 (the learned scale replaces 1/sqrt(d))
 
-Training attends block-causally (position i sees j iff scale(j) <= scale(i)) through `block_attention`. Sampling
-writes each scale's k, v into a static cache and attends to the filled prefix, which holds only coarser scales
-and the current one, so no mask is needed there.
+Training attends block-causally (position i sees j iff scale(j) <= scale(i)) through `block_attention`; sampling
+writes each scale's k, v into a static `KVCache` (block ids = scale ids) and attends to the filled prefix.
 """
 
 from __future__ import annotations
@@ -25,33 +24,42 @@ from torch import Tensor
 
 
 def block_attention(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, q_block_L: Tensor, k_block_S: Tensor,
-                    scale: float) -> Tensor:
+                    scale: float | None = None, check: bool = True) -> Tensor:
     """softmax(scale * q k^T + bias) v with bias[i, j] = 0 if k_block[j] <= q_block[i] else -inf.
 
-    The single entry point of VAR's training attention. TODO(kernels): switch to nvg.kernels.block_attention
-    once it is committed; until then this is PyTorch SDPA with a boolean mask.
+    Stand-in with the signature of nvg.kernels.block_attention (PyTorch SDPA with a boolean mask) until the
+    kernel package is committed; `check` is accepted for the same signature.
     """
     mask_LS = k_block_S[None, :] <= q_block_L[:, None]
     return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, attn_mask=mask_LS, scale=scale)
 
 
-class StaticKVCache(nn.Module):
-    """Preallocated keys and values of one attention layer, (B, H, max_len, D) each, filled scale by scale."""
+class KVCache(nn.Module):
+    """Stand-in with the interface of nvg.kernels.KVCache: static (B, H, max_len, D) keys and values."""
 
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32):
+    def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None, block_ids: Tensor | None = None):
         super().__init__()
-        self.register_buffer("k_BHSD", torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype))
-        self.register_buffer("v_BHSD", torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype))
+        shape = (batch_size, num_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        ids = torch.arange(max_len) if block_ids is None else block_ids
+        self.register_buffer("block_ids", ids.to(device), persistent=False)
 
-    def update(self, start: int, k_BHlD: Tensor, v_BHlD: Tensor) -> tuple[Tensor, Tensor]:
-        """Writes positions [start, start + l) and returns the filled prefix [0, start + l) of k and v."""
-        stop = start + k_BHlD.shape[2]
-        if k_BHlD.shape[0] != self.k_BHSD.shape[0] or stop > self.k_BHSD.shape[2]:
-            raise ValueError(f"cache of shape {tuple(self.k_BHSD.shape)} cannot take batch {k_BHlD.shape[0]} "
-                             f"at positions [{start}, {stop})")
-        self.k_BHSD[:, :, start:stop] = k_BHlD
-        self.v_BHSD[:, :, start:stop] = v_BHlD
-        return self.k_BHSD[:, :, :stop], self.v_BHSD[:, :, :stop]
+    def append(self, k_new: Tensor, v_new: Tensor, offset: int) -> None:
+        """Writes k_new, v_new (B, H, l, D) at positions [offset, offset + l)."""
+        stop = offset + k_new.shape[2]
+        if k_new.shape[:2] != self.k.shape[:2] or k_new.shape[3] != self.k.shape[3] or stop > self.k.shape[2]:
+            raise ValueError(f"KVCache of shape {tuple(self.k.shape)} cannot take {tuple(k_new.shape)} at "
+                             f"positions [{offset}, {stop})")
+        self.k[:, :, offset:stop].copy_(k_new)
+        self.v[:, :, offset:stop].copy_(v_new)
+
+    def attend(self, q_new: Tensor, offset: int, scale: float | None = None) -> Tensor:
+        """Queries at positions [offset, offset + l) over the cached keys [0, offset + l), block-causally."""
+        stop = offset + q_new.shape[2]
+        return block_attention(q_new, self.k[:, :, :stop], self.v[:, :, :stop], self.block_ids[offset:stop],
+                               self.block_ids[:stop], scale=scale, check=False)
 
 
 class SelfAttention(nn.Module):
@@ -70,7 +78,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x_BLC: Tensor, q_block_L: Tensor | None = None, k_block_L: Tensor | None = None,
-                cache: StaticKVCache | None = None, start: int = 0) -> Tensor:
+                cache: KVCache | None = None, start: int = 0) -> Tensor:
         """Block-causal attention over x (training: give q_block_L and k_block_L), or one scale against the cache
         (sampling: give `cache` and the position `start` of x's first token)."""
         B, L, C = x_BLC.shape
@@ -82,8 +90,8 @@ class SelfAttention(nn.Module):
         q_BHLD = F.normalize(q_BHLD, dim=-1).mul(head_scale_1H11).to(v_BHLD.dtype)
         k_BHLD = F.normalize(k_BHLD, dim=-1).to(v_BHLD.dtype)
         if cache is not None:
-            k_BHSD, v_BHSD = cache.update(start, k_BHLD, v_BHLD)
-            o_BHLD = F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, scale=1.0)
-        else:
-            o_BHLD = block_attention(q_BHLD, k_BHLD, v_BHLD, q_block_L, k_block_L, scale=1.0)
+            cache.append(k_BHLD, v_BHLD, start)
+            o_BHLD = cache.attend(q_BHLD, start, scale=1.0)
+        else:  # block ids come from the model's own buffer: valid by construction, no per-call check
+            o_BHLD = block_attention(q_BHLD, k_BHLD, v_BHLD, q_block_L, k_block_L, scale=1.0, check=False)
         return self.proj(o_BHLD.transpose(1, 2).reshape(B, L, C))

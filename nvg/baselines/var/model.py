@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import SelfAttention, StaticKVCache
+from .attention import KVCache, SelfAttention
 
 
 @dataclass
@@ -62,8 +62,9 @@ VAR_PRESETS: dict[str, dict] = {
     "var-d20": dict(depth=20, drop_path_rate=0.1 * 20 / 24, adaln_gamma_init=1e-3),  # 601M
     "var-d24": dict(depth=24, drop_path_rate=0.1 * 24 / 24, adaln_gamma_init=1e-4),  # 1.03B
     "var-d30": dict(depth=30, drop_path_rate=0.1 * 30 / 24, adaln_gamma_init=1e-5),  # 2.01B
-    # CPU-sized model for 32 px images with the var-vae-tiny tokenizer (10 classes), ~2.9M parameters
-    "var-tiny": dict(depth=4, width=192, num_heads=3, num_classes=10, vocab_size=512, latent_channels=16,
+    # CPU-sized model for 32 px images with the var-vae-tiny tokenizer (10 classes); depth and width as nvg-tiny,
+    # ~1.37M parameters (nvg-tiny: 1.30M content + structure)
+    "var-tiny": dict(depth=4, width=128, num_heads=2, num_classes=10, vocab_size=1024, latent_channels=16,
                      patch_nums=(1, 2, 3, 4, 6, 8), adaln_gamma_init=1e-3),
 }
 
@@ -130,7 +131,7 @@ class VAR(nn.Module):
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_len, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))  # absolute positions over all scales
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)  # scale ("level") embedding
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear from 0
         self.blocks = nn.ModuleList([AdaLNSelfAttn(C, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, rates[i])
                                      for i in range(cfg.depth)])
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
@@ -214,7 +215,7 @@ class VAR(nn.Module):
         return self.logits(x_BLC, cond_BD)
 
     def forward_scale(self, x_BlC: Tensor, scale: int, cond_BD: Tensor, mods: list[Tensor],
-                      caches: list[StaticKVCache]) -> Tensor:
+                      caches: list[KVCache]) -> Tensor:
         """One sampling step: the tokens of scale `scale` attend to the cached coarser scales; fp32 logits (B, l, V).
 
         x_BlC already includes the level/position embedding; `mods` are the blocks' modulations of cond_BD.

@@ -55,9 +55,10 @@ VQVAE_PRESETS: dict[str, dict] = {
     "var-vae-ch160": dict(),
     # the configuration of the reference outputs (same layout, narrower), 256 px, ~4.5M parameters
     "var-vae-ch32": dict(channels=32),
-    # CPU-sized tokenizer for 32 px images: 8x8 latent, 6 scales, 3 levels
-    "var-vae-tiny": dict(channels=32, channel_multipliers=(1, 2, 2), vocab_size=512, latent_channels=16,
-                         patch_nums=(1, 2, 3, 4, 6, 8), phi_count=4),
+    # CPU-sized tokenizer for 32 px images (8x8 latent, 6 scales); widths, blocks, codebook and latent width as
+    # NVG's tiny-ae-32px-8x8, ~1.0M parameters
+    "var-vae-tiny": dict(channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, vocab_size=1024,
+                         latent_channels=16, patch_nums=(1, 2, 3, 4, 6, 8)),
 }
 
 
