@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,3 +20,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Official reference outputs (../shared/reference beside the repository, or NVG_REFERENCE_DIR): see its README.
+REFERENCE_DIR = Path(os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+
+def _load_reference(name):
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        pytest.skip(f"official reference outputs not found at {path} (set NVG_REFERENCE_DIR)")
+    return torch.load(path, weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def nvg_reference():
+    """The official NVG code's outputs (nvg_ref_small.pt): a dict with flat keys like 'clustering.labels'."""
+    return _load_reference("nvg_ref_small.pt")
+
+
+@pytest.fixture(scope="session")
+def var_reference():
+    """The released VAR code's outputs (var_ref_small.pt)."""
+    return _load_reference("var_ref_small.pt")

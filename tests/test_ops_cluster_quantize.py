@@ -4,7 +4,6 @@ import torch
 
 from nvg.ops import cluster_quantize, cluster_quantize_ref
 
-REFERENCE = "../shared/reference/nvg_ref_small.pt"
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 
 
@@ -48,9 +47,9 @@ def test_dup_codes_take_lowest_index():
     assert (ids < 5).all()  # the codebook is 3 copies of 5 codes: always the first copy
 
 
-def test_official_reference_ids():
+def test_official_reference_ids(nvg_reference):
     """The official per-stage residual quantization (reference b), driven by our op: tokens identical."""
-    ref = torch.load(REFERENCE, weights_only=False)
+    ref = nvg_reference
     E = ref["quant.state_dict"]["embedding.weight"]
     canvas, labels, f = ref["quant.canvas"], ref["quant.labels"], ref["clustering.f"]
     stage_ids = []

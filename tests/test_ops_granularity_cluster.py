@@ -4,7 +4,6 @@ import torch
 
 from nvg.ops import granularity_cluster, granularity_cluster_ref
 
-REFERENCE = "../shared/reference/nvg_ref_small.pt"
 
 
 def sample_inputs(device):
@@ -45,8 +44,8 @@ def test_matches_reference(device, idx):
     check_structure(out, f.shape[1])
 
 
-def test_official_reference_labels():
-    ref = torch.load(REFERENCE, weights_only=False)
+def test_official_reference_labels(nvg_reference):
+    ref = nvg_reference
     f = ref["clustering.f"]
     assert torch.equal(granularity_cluster(f), ref["clustering.labels"])
     assert torch.equal(granularity_cluster_ref(f), ref["clustering.labels"])
