@@ -10,7 +10,8 @@ Keys follow the released checkpoints: `mat_qkv.weight` (no bias), `q_bias`, `v_b
     out = softmax(q k^T + mask) v                         softmax scale 1 (the learned scale replaces 1/sqrt(d))
 
 Training attends block-causally (position i sees j iff scale(j) <= scale(i)) through `block_attention`; sampling
-writes each scale's k, v into a static `KVCache` (block ids = scale ids) and attends to the filled prefix.
+writes each scale's k, v into the static `nvg.kernels.KVCache` (block ids = scale ids) and attends to the filled
+prefix. Both go through the project's Triton block-attention kernel on a GPU (its PyTorch reference on the CPU).
 """
 
 from __future__ import annotations
@@ -22,44 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def block_attention(q_BHLD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, q_block_L: Tensor, k_block_S: Tensor,
-                    scale: float | None = None, check: bool = True) -> Tensor:
-    """softmax(scale * q k^T + bias) v with bias[i, j] = 0 if k_block[j] <= q_block[i] else -inf.
-
-    Stand-in with the signature of nvg.kernels.block_attention (PyTorch SDPA with a boolean mask) until the
-    kernel package is committed; `check` is accepted for the same signature.
-    """
-    mask_LS = k_block_S[None, :] <= q_block_L[:, None]
-    return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, attn_mask=mask_LS, scale=scale)
-
-
-class KVCache(nn.Module):
-    """Stand-in with the interface of nvg.kernels.KVCache: static (B, H, max_len, D) keys and values."""
-
-    def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None, block_ids: Tensor | None = None):
-        super().__init__()
-        shape = (batch_size, num_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        ids = torch.arange(max_len) if block_ids is None else block_ids
-        self.register_buffer("block_ids", ids.to(device), persistent=False)
-
-    def append(self, k_new: Tensor, v_new: Tensor, offset: int) -> None:
-        """Writes k_new, v_new (B, H, l, D) at positions [offset, offset + l)."""
-        stop = offset + k_new.shape[2]
-        if k_new.shape[:2] != self.k.shape[:2] or k_new.shape[3] != self.k.shape[3] or stop > self.k.shape[2]:
-            raise ValueError(f"KVCache of shape {tuple(self.k.shape)} cannot take {tuple(k_new.shape)} at "
-                             f"positions [{offset}, {stop})")
-        self.k[:, :, offset:stop].copy_(k_new)
-        self.v[:, :, offset:stop].copy_(v_new)
-
-    def attend(self, q_new: Tensor, offset: int, scale: float | None = None) -> Tensor:
-        """Queries at positions [offset, offset + l) over the cached keys [0, offset + l), block-causally."""
-        stop = offset + q_new.shape[2]
-        return block_attention(q_new, self.k[:, :, :stop], self.v[:, :, :stop], self.block_ids[offset:stop],
-                               self.block_ids[:stop], scale=scale, check=False)
+from nvg.kernels import KVCache, block_attention
 
 
 class SelfAttention(nn.Module):
