@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvg.baselines.var.checkpoint import load_var, var_config_from_state_dict
+from nvg.baselines.var.checkpoint import load_var, official_var_state_dict, var_config_from_state_dict
 from nvg.baselines.var.model import VAR, VARConfig
 
 REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
@@ -50,7 +50,7 @@ def test_released_checkpoint_layout(depth):
     """Keys and shapes of var_d{depth}.pth, nothing more (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = VAR.from_name(f"var-d{depth}")
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in official_var_state_dict(model).items()}
     assert ours == released_shapes(depth)
     config = var_config_from_state_dict(model.state_dict())
     assert (config.depth, config.width, config.num_heads) == (depth, 64 * depth, depth)
@@ -64,6 +64,9 @@ def test_d16_parameter_count():
 
 def test_reference_logits(reference):
     model = load_var(reference["var_state"])
+    exported = official_var_state_dict(model)
+    assert set(exported) == set(reference["var_state"])
+    assert torch.equal(exported["attn_bias_for_masking"], reference["var_state"]["attn_bias_for_masking"])
     assert model.config.depth == 2 and model.config.num_classes == 10
     with torch.no_grad():
         logits = model(reference["labels"], reference["var_input"])
@@ -106,6 +109,10 @@ def test_bad_inputs_raise_clear_errors(reference):
     state = dict(reference["var_state"])
     state["blocks.1.ffn.fc1.weight"] = torch.zeros(512, 127)
     with pytest.raises(ValueError, match=r"'blocks\.1\.ffn\.fc1\.weight' has shape \(512, 127\)"):
+        load_var(state)
+    state = dict(reference["var_state"])
+    state["attn_bias_for_masking"] = torch.zeros(1, 1, 680, 680)
+    with pytest.raises(ValueError, match="attn_bias_for_masking.*not the block-causal mask"):
         load_var(state)
     state = dict(reference["var_state"])
     state["blocks.0.attn.extra"] = torch.zeros(1)

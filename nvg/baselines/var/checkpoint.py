@@ -110,8 +110,30 @@ def load_vqvae(source: str | os.PathLike | StateDict, config: VQVAEConfig | None
     return load_state_dict_checked(model, state_dict, "VQVAE checkpoint").eval()
 
 
+MASK_KEY = "attn_bias_for_masking"  # released buffer derived from the scales; checked and dropped on load
+
+
 def load_var(source: str | os.PathLike | StateDict, config: VARConfig | None = None) -> VAR:
-    """A VAR transformer holding the checkpoint's weights (configuration read from it unless given), in eval mode."""
-    state_dict = read_state_dict(source)
+    """A VAR transformer holding the checkpoint's weights (configuration read from it unless given), in eval mode.
+
+    Accepts the released layout (with the additive mask `attn_bias_for_masking`, which must match the scales) and
+    our own checkpoints (without it)."""
+    state_dict = dict(read_state_dict(source))
     model = VAR(config or var_config_from_state_dict(state_dict))
+    if MASK_KEY in state_dict:
+        mask = state_dict.pop(MASK_KEY)
+        expected = model.additive_mask()
+        if tuple(mask.shape) != tuple(expected.shape):
+            raise ValueError(f"VAR checkpoint: key {MASK_KEY!r} has shape {tuple(mask.shape)}, the model expects "
+                             f"{tuple(expected.shape)}")
+        if not torch.equal(mask.float(), expected.float()):
+            raise ValueError(f"VAR checkpoint: key {MASK_KEY!r} is not the block-causal mask of the scales "
+                             f"{model.config.patch_nums}")
     return load_state_dict_checked(model, state_dict, "VAR checkpoint").eval()
+
+
+def official_var_state_dict(model: VAR) -> StateDict:
+    """The model's weights in the released layout (adds `attn_bias_for_masking`), e.g. to run the released code."""
+    state_dict = dict(model.state_dict())
+    state_dict[MASK_KEY] = model.additive_mask()
+    return state_dict

@@ -136,12 +136,12 @@ class VAR(nn.Module):
                                      for i in range(cfg.depth)])
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
-        # Scale id of every position (the block ids of the block-causal mask). The additive mask is not used
-        # here (attention takes the ids); it is kept as a buffer only so that checkpoints keep the released keys.
+        # Scale id of every position: the block ids of the block-causal mask (released key `lvl_1L`). The released
+        # model also stores the additive mask `attn_bias_for_masking` (L x L of 0 / -inf); it is derived from these
+        # ids, so it is not kept here (an EMA of -inf entries turns them into NaN): checkpoint.py checks it on load
+        # and adds it back on export.
         scale_L = torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(cfg.patch_nums)])
         self.register_buffer("lvl_1L", scale_L[None].clone())
-        mask_bias = torch.where(scale_L[:, None] >= scale_L[None, :], 0.0, -torch.inf)
-        self.register_buffer("attn_bias_for_masking", mask_bias.reshape(1, 1, L, L))
         self.begin_ends = []  # [start, stop) of each scale in the sequence
         for pn in cfg.patch_nums:
             start = self.begin_ends[-1][1] if self.begin_ends else 0
@@ -177,6 +177,12 @@ class VAR(nn.Module):
             block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
             block.ada_lin[1].weight[2 * C:].mul_(adaln_init)
             block.ada_lin[1].weight[: 2 * C].mul_(self.config.adaln_gamma_init)
+
+    def additive_mask(self) -> Tensor:
+        """The released `attn_bias_for_masking` (1, 1, L, L): 0 where scale(key) <= scale(query), else -inf."""
+        scale_L = self.lvl_1L[0]
+        mask_LL = torch.where(scale_L[:, None] >= scale_L[None, :], 0.0, -torch.inf)
+        return mask_LL.to(self.pos_1LC.dtype)[None, None]
 
     def level_position(self, start: int, stop: int) -> Tensor:
         """Scale embedding + absolute position embedding of positions [start, stop), (1, l, C)."""
