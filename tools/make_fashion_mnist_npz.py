@@ -3,8 +3,9 @@
     apt-get install -y dataset-fashion-mnist && python tools/make_fashion_mnist_npz.py
 
 The file holds the whole t10k split of Fashion-MNIST (10,000 images, exactly 1,000 per class), reordered so that
-rows [0, 8000) are the `train` split (the first 800 images of each class, in the original file order) and rows
-[8000, 10000) the `val` split (the last 200 of each class). Keys: `x` uint8 [N,28,28], `y` uint8 [N].
+rows [0, 8000) are the `train` split (the first 800 images of each class in the original file order) and rows
+[8000, 10000) the `val` split (the last 200 of each class). Each split is shuffled with a fixed seed, so that any
+prefix of it is a uniform random sample (evaluation uses prefixes). Keys: `x` uint8 [N,28,28], `y` uint8 [N].
 Fashion-MNIST is (c) 2017 Zalando SE, MIT licence: see nvg/data/LICENSE-fashion-mnist.
 """
 import argparse
@@ -36,11 +37,14 @@ def main() -> None:
     rank = np.zeros_like(y, dtype=np.int64)  # position of each image within its class, in file order
     for c in range(10):
         rank[y == c] = np.arange(1000)
-    order = np.concatenate([np.flatnonzero(rank < TRAIN_PER_CLASS), np.flatnonzero(rank >= TRAIN_PER_CLASS)])
+    rng = np.random.default_rng(0)
+    train, val = np.flatnonzero(rank < TRAIN_PER_CLASS), np.flatnonzero(rank >= TRAIN_PER_CLASS)
+    order = np.concatenate([rng.permutation(train), rng.permutation(val)])
     out = os.path.abspath(args.out)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), suffix=".npz")
     with os.fdopen(fd, "wb") as f:
         np.savez_compressed(f, x=x[order], y=y[order])
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     print(f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB")
 
