@@ -35,8 +35,8 @@ def rope_axes(head_dim: int, K: int) -> list[int]:
     return [type_dim] + [2] * K + [grid, grid]
 
 
-def rope_angles(ids_BLA: Tensor, axes_dim: list[int], theta: float = 10_000.0) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, float32 (B, 1, L, head_dim/2), pairs ordered axis by axis.
+def rope_freqs(ids_BLA: Tensor, axes_dim: list[int], theta: float = 10_000.0) -> Tensor:
+    """Unit rotations cos(a) + i sin(a) as complex64 (B, 1, L, head_dim/2), pairs ordered axis by axis.
 
     Angle of pair m of axis a = id_a * theta^(-2m / dim_a); computed in float32 like the official float32 `rope_ids`.
     """
@@ -48,21 +48,21 @@ def rope_angles(ids_BLA: Tensor, axes_dim: list[int], theta: float = 10_000.0) -
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim)
         angles.append(ids[..., a, None] * omega)
     ang = torch.cat(angles, -1).unsqueeze(1)
-    return torch.cos(ang), torch.sin(ang)
+    return torch.complex(torch.cos(ang), torch.sin(ang))
 
 
 def rope_matrices(ids_BLA: Tensor, axes_dim: list[int], theta: float = 10_000.0) -> Tensor:
     """The same rotations in FLUX's layout (B, 1, L, head_dim/2, 2, 2) = [[cos, -sin], [sin, cos]] (for tests)."""
-    cos, sin = rope_angles(ids_BLA, axes_dim, theta)
+    f = rope_freqs(ids_BLA, axes_dim, theta)
+    cos, sin = f.real, f.imag
     return torch.stack([cos, -sin, sin, cos], -1).unflatten(-1, (2, 2))
 
 
-def apply_rope(x_BHLD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2m], x[2m+1]) of every head in float32; returns x's dtype."""
-    x = x_BHLD.float().unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], -1).flatten(-2)
-    return out.type_as(x_BHLD)
+def apply_rope(x_BHLD: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2m], x[2m+1]) of every head by `freqs` (a complex product in float32);
+    returns x's dtype. Equals FLUX's (cos x0 - sin x1, sin x0 + cos x1)."""
+    x = torch.view_as_complex(x_BHLD.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(x * freqs).flatten(-2).type_as(x_BHLD)
 
 
 def timestep_embedding(t: Tensor, dim: int = 64, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
@@ -148,7 +148,7 @@ class ParallelBlock(nn.Module):
         self.modulation = Modulation(width)
         self.drop_path = drop_path
 
-    def forward(self, x_BLC: Tensor, vec_BC: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BLC: Tensor, vec_BC: Tensor, freqs: Tensor) -> Tensor:
         B, L, _ = x_BLC.shape
         shift, scale, gate = self.modulation(vec_BC)
         x_mod = (1 + scale) * F.layer_norm(x_BLC, (self.width,), eps=1e-6) + shift
@@ -156,7 +156,7 @@ class ParallelBlock(nn.Module):
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
         q = self.norm.query_norm(q).to(v.dtype)
         k = self.norm.key_norm(k).to(v.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, self.width)
         out = self.linear2(torch.cat([attn, F.gelu(h, approximate="tanh")], -1))
         return x_BLC + drop_path(gate * out, self.drop_path, self.training)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import LastLayer, LinearHead, MLPEmbedder, ParallelBlock, rope_angles, rope_axes, timestep_embedding
+from .blocks import LastLayer, LinearHead, MLPEmbedder, ParallelBlock, rope_freqs, rope_axes, timestep_embedding
 from .structure import rope_ids_content, rope_ids_structure, structure_embedding
 
 # Official per-stage canvas normalisers sigma_0..sigma_8 and the final-canvas scale sigma_9 (16x16 latent, K = 8).
@@ -108,8 +108,7 @@ class StructureContext:
 
     tokens_BLC: Tensor  # (B, 1+N, ws): class token + embedded canvas
     class_vec_BC: Tensor  # (B, ws): class embedding + stage embedding
-    cos: Tensor  # (B, 1, 1+2N, head_dim/2) RoPE
-    sin: Tensor
+    freqs: Tensor  # complex (B, 1, 1+2N, head_dim/2) RoPE rotations
     extras: dict = field(default_factory=dict)
 
 
@@ -178,10 +177,10 @@ class NVGGenerator(nn.Module):
             raise ValueError(f"class ids must be in [0, {self.cfg.num_classes}] ({self.cfg.num_classes} = null class), "
                              f"got min {y_B.min().item()} max {y_B.max().item()}")
 
-    def content_rope(self, labels_BN: Tensor, stage: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(content ids (B, 1+N, K+3), cos, sin) of one stage's content pass."""
+    def content_rope(self, labels_BN: Tensor, stage: int) -> tuple[Tensor, Tensor]:
+        """(content ids (B, 1+N, K+3), complex RoPE rotations) of one stage's content pass."""
         ids = rope_ids_content(labels_BN, stage, self.cfg.K, self.cfg.latent_hw)
-        return (ids, *rope_angles(ids, self.rope_axes))
+        return ids, rope_freqs(ids, self.rope_axes)
 
     def cluster_mean(self, x_BNC: Tensor, labels_BN: Tensor, n: int) -> Tensor:
         """Mean of x over each of the n clusters of labels (B, n, C) (= official one-hot bmm / counts)."""
@@ -196,7 +195,7 @@ class NVGGenerator(nn.Module):
         start = self.content_start_embed.expand_as(x).to(x.dtype)
         return torch.where((stage_B == 0).view(-1, 1, 1), start, x)
 
-    def forward_content(self, canvas_BNC: Tensor, y_B: Tensor, stage_B: Tensor, cos: Tensor, sin: Tensor,
+    def forward_content(self, canvas_BNC: Tensor, y_B: Tensor, stage_B: Tensor, freqs: Tensor,
                         return_layer: int = 0) -> tuple[Tensor, Tensor | None]:
         """Predicted final canvas x0_hat (B, N, C) of the content pass (+ block `return_layer` output if > 0)."""
         tokens = torch.cat([self.content_class_embed(y_B)[:, None], self.content_embed(
@@ -204,7 +203,7 @@ class NVGGenerator(nn.Module):
         vec = self.content_class_embed(y_B) + self.content_stage_embed(stage_B)  # (B, w)
         hidden = None
         for i, block in enumerate(self.content_blocks):
-            tokens = block(tokens, vec, cos, sin)
+            tokens = block(tokens, vec, freqs)
             if i + 1 == return_layer:
                 hidden = tokens[:, 1:]
         return self.x0_head(tokens[:, 1:], vec) / self.scale_factors[-1], hidden
@@ -220,15 +219,15 @@ class NVGGenerator(nn.Module):
         class + stage conditioning and the RoPE of the stage."""
         ctx = self.structure_class_embed(y_B)  # (B, ws)
         tokens = torch.cat([ctx[:, None], self.structure_content_cond_embed(canvas_BNC)], 1)
-        cos, sin = rope_angles(rope_ids_structure(content_ids), self.rope_axes)
-        return StructureContext(tokens, ctx + self.structure_stage_embed(stage_B), cos, sin)
+        freqs = rope_freqs(rope_ids_structure(content_ids), self.rope_axes)
+        return StructureContext(tokens, ctx + self.structure_stage_embed(stage_B), freqs)
 
     def forward_structure(self, sc: StructureContext, z_BNK: Tensor, t_B: Tensor) -> Tensor:
         """Velocity v (B, N, K) = eps - s of the rectified flow z_t = t eps + (1 - t) s at times t (B,)."""
         vec = sc.class_vec_BC + self.structure_time_embed(timestep_embedding(t_B, 64).to(z_BNK.dtype))
         tokens = torch.cat([sc.tokens_BLC, self.structure_embed(z_BNK)], 1)  # (B, 1+2N, ws)
         for block in self.structure_blocks:
-            tokens = block(tokens, vec, sc.cos, sc.sin)
+            tokens = block(tokens, vec, sc.freqs)
         return self.structure_head(tokens[:, -self.cfg.num_positions:], vec)
 
     # -------------------------------------------------------------------------------------------- teacher forcing
@@ -260,11 +259,11 @@ class NVGGenerator(nn.Module):
         stages = torch.arange(S, device=dev)
         # ---- content: B*S sequences
         ids = torch.stack([rope_ids_content(labels[:, i], i, K, cfg.latent_hw) for i in range(S)], 1)  # (B,S,1+N,A)
-        cos, sin = rope_angles(ids.flatten(0, 1), self.rope_axes)
+        freqs = rope_freqs(ids.flatten(0, 1), self.rope_axes)
         y_rep = y_B.repeat_interleave(S)
         stage_rep = stages.repeat(B)
         repa_layer = cfg.repa_depth if cfg.repa_dim > 0 else 0
-        x0_hat, hidden = self.forward_content(canvas_BSNC.flatten(0, 1), y_rep, stage_rep, cos, sin, repa_layer)
+        x0_hat, hidden = self.forward_content(canvas_BSNC.flatten(0, 1), y_rep, stage_rep, freqs, repa_layer)
         x0_hat = x0_hat.view(B, S, N, C)
         logits = [self.token_logits(x0_hat[:, i], canvas_BSNC[:, i], labels[:, i], i) for i in range(S)]
         # ---- structure: B*(S-2) sequences, data = full embedding of the finest labels in {-1, 1}

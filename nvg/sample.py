@@ -1,0 +1,266 @@
+"""NVG sampler: 9 (K+1) stages of content (CFG on logits, top-k / top-p) and structure (25-step rectified flow, CFG on
+the velocity, balanced top-half splits), chained like the official `generate_images` (spec §5, Alg. 2).
+
+Modified from: github.com/Yikai-Wang/nvg (`NVGformer.generate`, `structure_sampling`, `sample`,
+`top_k_top_p_filtering`, `get_schedule` in nvgflow.py; `negative_log_sequence`, `generate_images` in eval_gen.py /
+generator.py), and HF transformers' `top_k_top_p_filtering`.
+Control (spec §7) is part of the same loop: fixed label maps for the first stages (structure-guided generation,
+structure transfer) and fixed tokens for the first stages (stage-wise regeneration); see nvg/control.py.
+The command line (`python -m nvg.sample`) lives in nvg/sample_cli.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import NVGGenerator
+from .quantizer import VGS, MultiGranularityQuantizer
+from .structure import check_nested, split_clusters, structure_embedding
+
+
+@dataclass
+class SampleConfig:
+    content_cfg: tuple[float, float] = (1.0, 3.5)  # CFG scale on the logits, linear over the stages (official eval)
+    structure_cfg: tuple[float, float] = (1.0, 2.5)  # CFG scale on the structure velocity, linear over the stages
+    top_p: tuple[float, float] = (1.0, 0.5)  # nucleus mass falling log-wise over the stages (official eval)
+    top_k: int = 0  # 0 = off; 1 = argmax (deterministic, ignores temperature and top-p)
+    temperature: float = 1.0
+    structure_steps: int = 25  # Euler steps of the structure flow per stage
+    gumbel_split: bool = False  # Gumbel top-k instead of deterministic top-k when splitting clusters
+    always_cfg: bool = False  # also run the unconditional pass at scale 1 (official); off = skip it (same result)
+
+    def __post_init__(self):
+        if self.structure_steps < 1:
+            raise ValueError(f"structure_steps must be >= 1, got {self.structure_steps}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not all(0 < p <= 1 for p in self.top_p):
+            raise ValueError(f"need top_k >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def linear_schedule(start: float, end: float, num: int) -> list[float]:
+    """Per-stage scales linspace(start, end, num) (official CFG schedules)."""
+    return np.linspace(start, end, num).tolist()
+
+
+def negative_log_sequence(start: float, end: float, num: int) -> list[float]:
+    """Values falling from start to end along -logspace(0, log(num-1), num) rescaled (official top-p schedule)."""
+    if num == 1:
+        return [start]
+    vals = -np.logspace(0, np.log(num - 1), num=num, base=np.e)
+    vals = (vals - vals.min()) / (vals.max() - vals.min())
+    return (vals * (start - end) + end).tolist()
+
+
+def time_schedule(steps: int, seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> list[float]:
+    """Euler time grid 1 -> 0 (steps + 1 values), FLUX-shifted: t' = e^mu / (e^mu + 1/t - 1), mu linear in seq_len
+    (0.5 at 256 positions, 1.15 at 4096). float32 like the official `get_schedule`."""
+    mu = base_shift + (max_shift - base_shift) / (4096 - 256) * (seq_len - 256)
+    t = torch.linspace(1, 0, steps + 1)
+    return (math.exp(mu) / (math.exp(mu) + (1 / t - 1))).tolist()
+
+
+def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Logits with the tokens outside the top-k and outside the smallest set of mass >= top_p set to -inf.
+
+    The first token whose cumulative probability exceeds top_p is kept (nucleus filtering, Holtzman et al.).
+    """
+    logits = logits.clone()
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
+        logits[logits < kth] = -float("inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        remove = F.softmax(sorted_logits, -1).cumsum(-1) > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits[remove.scatter(-1, order, remove)] = -float("inf")
+    return logits
+
+
+def sample_tokens(logits_BnV: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """One token per cluster (B, n): argmax when top_k == 1, else multinomial of softmax(filter(logits / T))."""
+    if top_k == 1:
+        return logits_BnV.argmax(-1)
+    B, n, V = logits_BnV.shape
+    probs = F.softmax(filter_top_k_top_p(logits_BnV.float() / max(temperature, 1e-5), top_k, top_p), -1)
+    return torch.multinomial(probs.view(B * n, V), 1, generator=generator).view(B, n)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def _cfg_mix(out: Tensor, B: int, scale: float) -> Tensor:
+    """uncond + scale * (cond - uncond) for a batch stacked as [cond; uncond], or out itself when not doubled."""
+    if out.shape[0] == B:
+        return out
+    cond, uncond = out[:B], out[B:]
+    return uncond + (cond - uncond) * scale
+
+
+class Sampler:
+    """Faithful NVG sampler for one generator + quantizer pair.
+
+    `fast=True` runs the two transformer passes through `torch.compile` (CUDA graphs on a GPU: every stage has the
+    same shapes, so one graph per pass serves all stages); it computes the same function as the plain path.
+    """
+
+    def __init__(self, model: NVGGenerator, quantizer: MultiGranularityQuantizer, fast: bool = False):
+        cfg = model.cfg
+        if quantizer.num_stages != cfg.num_stages or quantizer.dim != cfg.latent_dim or \
+                quantizer.codebook_size != cfg.vocab_size:
+            raise ValueError(f"generator (stages {cfg.num_stages}, C {cfg.latent_dim}, V {cfg.vocab_size}) does not fit "
+                             f"the quantizer (stages {quantizer.num_stages}, C {quantizer.dim}, "
+                             f"V {quantizer.codebook_size})")
+        self.model, self.quantizer, self.fast = model, quantizer, fast
+        self._content = model.forward_content
+        self._structure = model.forward_structure
+        if fast:
+            mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+            self._content = torch.compile(model.forward_content, dynamic=False, mode=mode)
+            self._structure = torch.compile(model.forward_structure, dynamic=False, mode=mode)
+
+    # -------------------------------------------------------------------------------------------------- one stage
+    def content_stage(self, canvas_BNC, labels_BN, y_B, stage, scale, use_cfg):
+        """Content pass of one stage -> (x0_hat of the conditional half (B, N, C), post-CFG logits (B, 2**i, V))."""
+        m, B = self.model, y_B.shape[0]
+        if use_cfg:
+            y2 = torch.cat([y_B, torch.full_like(y_B, m.cfg.num_classes)])
+            canvas2, labels2 = canvas_BNC.repeat(2, 1, 1), labels_BN.repeat(2, 1)
+        else:
+            y2, canvas2, labels2 = y_B, canvas_BNC, labels_BN
+        ids, freqs = m.content_rope(labels2, stage)
+        x0_hat, _ = self._content(canvas2, y2, torch.full_like(y2, stage), freqs)
+        logits = m.token_logits(x0_hat.float(), canvas2.float(), labels2, stage)
+        return x0_hat[:B], _cfg_mix(logits, B, scale), ids[:B]
+
+    def structure_stage(self, canvas_next_BNC, labels_BN, content_ids, y_B, eps_BNK, stage, scale, use_cfg, times,
+                        gumbel=False, generator=None, trace=None):
+        """Rectified-flow inpainting of the structure embedding given the canvas after `stage` -> labels of stage+1."""
+        m, B, K = self.model, y_B.shape[0], self.model.cfg.K
+        if stage == K - 1:  # two positions per parent: split by the fixed noise, no model (official)
+            if trace is not None:
+                trace.setdefault("z_final_ch", []).append(eps_BNK[..., stage].clone())
+            return split_clusters(labels_BN, eps_BNK[..., stage], stage)
+        s = structure_embedding(labels_BN, stage, K).to(eps_BNK.dtype) - 1  # (B, N, K) in {-1, 0, 1}
+        z = torch.cat([s[..., :stage], eps_BNK[..., stage:]], -1)
+        if use_cfg:
+            y2 = torch.cat([y_B, torch.full_like(y_B, m.cfg.num_classes)])
+            canvas2, ids2 = canvas_next_BNC.repeat(2, 1, 1), content_ids.repeat(2, 1, 1)
+        else:
+            y2, canvas2, ids2 = y_B, canvas_next_BNC, content_ids
+        sc = m.structure_context(canvas2, y2, torch.full_like(y2, stage), ids2)
+        vs = []
+        for t_curr, t_next in zip(times[:-1], times[1:]):
+            z2 = z.repeat(2, 1, 1) if use_cfg else z
+            v_all = self._structure(sc, z2, torch.full((z2.shape[0],), t_curr, device=z.device))
+            v = _cfg_mix(v_all.float(), B, scale)
+            z = z + (t_next - t_curr) * v
+            z = torch.cat([s[..., :stage], z[..., stage:]], -1)  # known channels stay at the truth
+            if trace is not None:
+                vs.append(v_all.float())
+        if trace is not None:
+            trace.setdefault("v_first", []).append(vs[0])
+            trace.setdefault("v_last", []).append(vs[-1])
+            trace.setdefault("z_final_ch", []).append(z[..., stage].clone())
+        return split_clusters(labels_BN, z[..., stage], stage, gumbel=gumbel, generator=generator)
+
+    # -------------------------------------------------------------------------------------------------- all stages
+    @torch.no_grad()
+    def generate(self, classes_B: Tensor, sc: SampleConfig | None = None, *, seed: int | None = None,
+                 generator: torch.Generator | None = None, eps_BNK: Tensor | None = None,
+                 structure: Tensor | None = None, tokens: list[Tensor] | None = None,
+                 trace: dict | None = None) -> VGS:
+        """Sample a batch of visual granularity sequences.
+
+        Args:
+            classes_B: long (B,) class ids in [0, num_classes) (num_classes = unconditional).
+            sc: sampling settings (official schedules by default).
+            seed / generator: randomness (structure noise, token sampling, Gumbel splits); same seed, same output.
+            eps_BNK: the structure noise (B, N, K) drawn once per image (default N(0, 1) from the generator).
+            structure: long (B, S', N) nested label maps for stages 0..S'-1 to use instead of sampling them.
+            tokens: list of T long tensors (B, 2**i) of fixed content for stages 0..T-1 (T <= S'; needs `structure`).
+            trace: a dict to receive per-stage internals (x0_hat, logits, v_first, v_last, z_final_ch).
+        Returns:
+            VGS with tokens (list of (B, 2**i)), labels (B, S, N), canvas (B, S, N, C) (stage inputs), f_hat (B, N, C).
+        """
+        sc = sc or SampleConfig()
+        m, q, cfg = self.model, self.quantizer, self.model.cfg
+        S, N, K, C = cfg.num_stages, cfg.num_positions, cfg.K, cfg.latent_dim
+        dev = next(m.parameters()).device
+        classes_B = torch.as_tensor(classes_B, device=dev)
+        m.check_classes(classes_B)
+        B = classes_B.shape[0]
+        if generator is None:
+            generator = torch.Generator(dev)
+            if seed is not None:
+                generator.manual_seed(seed)
+            else:
+                generator.seed()
+        fixed_S = self._check_control(structure, tokens, B, S, N, dev)
+        if eps_BNK is None:
+            eps_BNK = torch.randn(B, N, K, generator=generator, device=dev)
+        if eps_BNK.shape != (B, N, K):
+            raise ValueError(f"eps_BNK must be ({B}, {N}, {K}), got {tuple(eps_BNK.shape)}")
+        ccfg = linear_schedule(*sc.content_cfg, S)
+        scfg = linear_schedule(*sc.structure_cfg, S)
+        top_p = negative_log_sequence(*sc.top_p, S)
+        times = time_schedule(sc.structure_steps, N)
+
+        canvas = torch.zeros(B, N, C, device=dev)
+        labels = structure[:, 0].to(dev) if fixed_S else torch.zeros(B, N, dtype=torch.long, device=dev)
+        all_tokens, all_labels, all_canvas = [], [], []
+        for i in range(S):
+            all_labels.append(labels)
+            all_canvas.append(canvas)
+            use_c = ccfg[i] != 1.0 or sc.always_cfg
+            if tokens is not None and i < len(tokens):
+                tok = tokens[i].to(dev)
+                ids = m.content_rope(labels, i)[0]
+            else:
+                x0_hat, logits, ids = self.content_stage(canvas, labels, classes_B, i, ccfg[i], use_c)
+                tok = sample_tokens(logits, sc.temperature, sc.top_k, top_p[i], generator)
+                if trace is not None:
+                    trace.setdefault("x0_hat", []).append(x0_hat.float())
+                    trace.setdefault("logits", []).append(logits)
+            canvas = canvas + q.embed_stage(i, tok, labels).float()
+            all_tokens.append(tok)
+            if i + 1 < fixed_S:
+                labels = structure[:, i + 1].to(dev)
+            elif i < S - 1:
+                use_s = scfg[i] != 1.0 or sc.always_cfg
+                labels = self.structure_stage(canvas, labels, ids, classes_B, eps_BNK, i, scfg[i], use_s, times,
+                                              sc.gumbel_split, generator, trace)
+        return VGS(tokens=all_tokens, labels=torch.stack(all_labels, 1), canvas=torch.stack(all_canvas, 1),
+                   f_hat=canvas)
+
+    @staticmethod
+    def _check_control(structure, tokens, B, S, N, dev) -> int:
+        """Validate fixed label maps / tokens; returns the number S' of stages with a fixed label map."""
+        if structure is None:
+            if tokens is not None:
+                raise ValueError("fixed tokens need the label maps of their stages (pass `structure`)")
+            return 0
+        if structure.dim() != 3 or structure.shape[0] != B or structure.shape[2] != N or not 1 <= structure.shape[1] <= S:
+            raise ValueError(f"structure must be (B={B}, S' in 1..{S}, N={N}) label maps, got {tuple(structure.shape)}")
+        check_nested(structure, "structure")
+        if tokens is not None:
+            if len(tokens) > structure.shape[1]:
+                raise ValueError(f"{len(tokens)} stages of fixed tokens need at least as many label maps, got "
+                                 f"{structure.shape[1]}")
+            for i, t in enumerate(tokens):
+                if tuple(t.shape) != (B, 2**i):
+                    raise ValueError(f"fixed tokens of stage {i} must be ({B}, {2**i}), got {tuple(t.shape)}")
+        return structure.shape[1]
