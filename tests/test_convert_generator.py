@@ -1,22 +1,16 @@
 """Official-layout generator checkpoints load strictly and reproduce the official outputs."""
 
-import os
-
 import pytest
 import torch
 
 import nvg  # noqa: F401
 from nvg.convert_generator import load_official_generator
 
-REF = "/work/shared/reference/nvg_ref_small.pt"
-KEYS = "/work/shared/reference/official_keys_generator_d16.txt"
 
 
 @pytest.fixture(scope="module")
-def ref():
-    if not os.path.exists(REF):
-        pytest.skip("official reference outputs not available")
-    return torch.load(REF, weights_only=False)
+def ref(nvg_reference):
+    return nvg_reference
 
 
 def test_full_checkpoint_layout_loads_and_matches(ref):
@@ -58,12 +52,15 @@ def test_bad_state_dicts_name_the_key(ref, fault):
 
 
 def test_official_d16_key_list_matches_layout():
-    if not os.path.exists(KEYS):
-        pytest.skip("official key list not available")
+    from conftest import REFERENCE_DIR
+
+    keys = REFERENCE_DIR / "official_keys_generator_d16.txt"
+    if not keys.exists():
+        pytest.skip(f"official key list not found at {keys}")
     from nvg.model import GeneratorConfig, NVGGenerator
 
     official = {}
-    for line in open(KEYS):
+    for line in open(keys):
         if line.startswith("#") or not line.strip():
             continue
         key, shape = line.split("\t")[:2]

@@ -1,7 +1,5 @@
 """Generator model: official outputs (depth-2 reference), parameter counts of the presets, shapes, gradients."""
 
-import os
-
 import pytest
 import torch
 
@@ -10,15 +8,12 @@ from nvg.blocks import rope_axes, rope_matrices, timestep_embedding
 from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
 from nvg.structure import rope_ids_content
 
-REF = "/work/shared/reference/nvg_ref_small.pt"
 TOL = dict(atol=1e-4, rtol=1e-4)  # spec: <= 1e-4 on fp32 CPU
 
 
 @pytest.fixture(scope="module")
-def ref():
-    if not os.path.exists(REF):
-        pytest.skip("official reference outputs not available")
-    return torch.load(REF, weights_only=False)
+def ref(nvg_reference):
+    return nvg_reference
 
 
 @pytest.fixture(scope="module")

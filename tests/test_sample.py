@@ -1,7 +1,5 @@
 """Sampler: official chaining (depth-2 reference, argmax), schedules, filtering, CFG identity, seeds."""
 
-import os
-
 import pytest
 import torch
 
@@ -12,15 +10,12 @@ from nvg.sample import (SampleConfig, Sampler, filter_top_k_top_p, linear_schedu
                         time_schedule)
 from nvg.structure import check_nested
 
-REF = "/work/shared/reference/nvg_ref_small.pt"
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def ref():
-    if not os.path.exists(REF):
-        pytest.skip("official reference outputs not available")
-    return torch.load(REF, weights_only=False)
+def ref(nvg_reference):
+    return nvg_reference
 
 
 @pytest.fixture(scope="module")

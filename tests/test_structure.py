@@ -6,16 +6,10 @@ import torch
 import nvg  # noqa: F401
 from nvg.structure import check_nested, rope_ids_content, rope_ids_structure, split_clusters
 
-REF = "/work/shared/reference/nvg_ref_small.pt"
-
 
 @pytest.fixture(scope="module")
-def ref():
-    import os
-
-    if not os.path.exists(REF):
-        pytest.skip("official reference outputs not available")
-    return torch.load(REF, weights_only=False)
+def ref(nvg_reference):
+    return nvg_reference
 
 
 def test_rope_ids_match_official(ref):
