@@ -9,20 +9,31 @@ Ops (namespace `nvg`, registered with torch.library.triton_op next to the C++ op
   nvg::block_attn_bwd(grad_out, q, k, v, out, lse, q_block, k_block, scale) -> (grad_q, grad_k, grad_v)
 CUDA runs the Triton kernels of block_attn_kernels.py; the CPU runs the PyTorch reference. The public entry point
 is `block_attention`, which checks its arguments; the ops themselves do not.
+
+Triton ships with CUDA builds of torch but not with the CPU build: without it the same ops are registered with
+torch.library.custom_op and run the reference on every device (with a warning on CUDA, where it is slow).
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
-from .block_attn_kernels import (
-    DOT_PRECISION,
-    _block_attn_bwd_dkdv_kernel,
-    _block_attn_bwd_dq_kernel,
-    _block_attn_fwd_kernel,
-    _bwd_delta_kernel,
-)
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # the CPU build of torch does not depend on triton
+    HAS_TRITON = False
+if HAS_TRITON:
+    from .block_attn_kernels import (
+        DOT_PRECISION,
+        _block_attn_bwd_dkdv_kernel,
+        _block_attn_bwd_dq_kernel,
+        _block_attn_fwd_kernel,
+        _bwd_delta_kernel,
+    )
 
 __all__ = ["block_attention", "block_attention_ref", "block_mask"]
 
@@ -83,6 +94,10 @@ def _kv_len(q_block: Tensor, k_block: Tensor) -> tuple[Tensor, int]:
     return kv_len, (kv_len.shape[-1] if kv_len.dim() == 2 else 0)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()  # kernels assume unit stride along the head dimension
 
@@ -96,7 +111,7 @@ def block_attn_fwd_triton(q, k, v, q_block, k_block, scale):
     kv_len, stride_nb = _kv_len(q_block, k_block)
 
     def grid(meta):
-        return (triton.cdiv(Lq, meta["BM"]), B * H)
+        return (_cdiv(Lq, meta["BM"]), B * H)
 
     wrap_triton(_block_attn_fwd_kernel)[grid](
         q, k, v, out, lse, kv_len, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
@@ -115,17 +130,17 @@ def block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, scale):
     dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, Lk, D), dtype=v.dtype, device=q.device)
     delta_bm = 16 if DOT_PRECISION == "ieee" else 64
-    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(Lq, delta_bm), B * H)](
+    wrap_triton(_bwd_delta_kernel)[(_cdiv(Lq, delta_bm), B * H)](
         out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1),
         grad_out.stride(2), H, Lq, D=D, BM=delta_bm)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), stride_nb)
 
     def grid_k(meta):
-        return (triton.cdiv(Lk, meta["BN"]), B * H)
+        return (_cdiv(Lk, meta["BN"]), B * H)
 
     def grid_q(meta):
-        return (triton.cdiv(Lq, meta["BM"]), B * H)
+        return (_cdiv(Lq, meta["BM"]), B * H)
 
     wrap_triton(_block_attn_bwd_dkdv_kernel)[grid_k](
         q, k, v, grad_out, lse, delta, kv_len, dk, dv, scale, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
@@ -138,20 +153,34 @@ def block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, scale):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ops
-@triton_op("nvg::block_attn_fwd", mutates_args=())
+def _use_triton(x: Tensor) -> bool:
+    # Non-CUDA devices reach the op's main function only when torch.compile traces it (eager CPU calls dispatch to
+    # the registered CPU kernel): they get the reference too.
+    if x.device.type != "cuda":
+        return False
+    if not HAS_TRITON:
+        warnings.warn("nvg.kernels: triton is not installed; block attention runs the PyTorch reference on CUDA",
+                      stacklevel=3)
+    return HAS_TRITON
+
+
+define_op = triton_op if HAS_TRITON else custom_op
+
+
+@define_op("nvg::block_attn_fwd", mutates_args=())
 def block_attn_fwd(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: Tensor,
                    scale: float) -> tuple[Tensor, Tensor]:
     """(out [B, H, Lq, D], lse fp32 [B, H, Lq]) of block attention; no argument checks (see block_attention)."""
-    if q.device.type != "cuda":  # reached when torch.compile traces a CPU call; eager CPU calls use the kernel below
+    if not _use_triton(q):
         return _fwd_ref(q, k, v, q_block, k_block, scale)
     return block_attn_fwd_triton(q, k, v, q_block, k_block, scale)
 
 
-@triton_op("nvg::block_attn_bwd", mutates_args=())
+@define_op("nvg::block_attn_bwd", mutates_args=())
 def block_attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_block: Tensor,
                    k_block: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_q, grad_k, grad_v) of block attention from the forward's out and lse."""
-    if q.device.type != "cuda":
+    if not _use_triton(q):
         return _bwd_ref(grad_out, q, k, v, out, lse, q_block, k_block, scale)
     return block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, scale)
 

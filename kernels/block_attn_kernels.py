@@ -28,12 +28,13 @@ def _configs(blocks):
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in blocks]
 
 
-# (BM, BN, num_warps, num_stages); Hopper-sized tiles for D <= 128.
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                        (128, 32, 4, 4), (64, 32, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)])
-DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)])
-DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
-                       (16, 32, 4, 2)])
+# (BM, BN, num_warps, num_stages); Hopper-sized tiles for D <= 128. All compile for sm_90a with triton 3.6 (see
+# compile_for_gpu); configs that exceed shared memory for fp32 at D = 128 are skipped by the autotuner.
+FWD_BLOCKS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4),
+              (64, 32, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)]
+DKDV_BLOCKS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
+DQ_BLOCKS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)]
+FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = _configs(FWD_BLOCKS), _configs(DKDV_BLOCKS), _configs(DQ_BLOCKS)
 # Re-tune per (lengths, head dim): sampling calls each scale's shape repeatedly (warm up before graph capture).
 KEY = ["Lq", "Lk", "D"]
 LOG2E = 1.4426950408889634
@@ -247,3 +248,42 @@ def _block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, DQ, sm_scale,
     DQ += i_b * stride_gb + i_h * stride_gh  # dq: contiguous, strides stride_g*
     tl.store(DQ + o_m[:, None] * stride_gt + o_d[None, :], (b_dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_m[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def compile_for_gpu(arch: int = 90, dtype: str = "bf16", head_dim: int = 64, all_configs: bool = False) -> dict:
+    """Compile every kernel for a CUDA architecture without a GPU (ahead of time, no launch).
+
+    Catches what the interpreter cannot: type and layout errors of the real compiler, shared-memory use per config.
+    Needs TRITON_INTERPRET unset. Returns {(kernel, BM, BN, num_warps, num_stages): shared-memory bytes}.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def build(kernel, pointers, consts, num_warps, num_stages):
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap the autotuner
+        signature = {name: "i32" for name in fn.arg_names}
+        signature.update(pointers)
+        if "sm_scale" in signature:
+            signature["sm_scale"] = "fp32"
+        signature.update({name: "constexpr" for name in consts})
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(fn.arg_names.index(name),): value for name, value in consts.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        return compiled.metadata.shared
+
+    tensors = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    tensors.update(LSE="*fp32", DELTA="*fp32", KV_LEN="*i32")
+    shared = {}
+    for name, kernel, blocks in (("fwd", _block_attn_fwd_kernel, FWD_BLOCKS),
+                                 ("dkdv", _block_attn_bwd_dkdv_kernel, DKDV_BLOCKS),
+                                 ("dq", _block_attn_bwd_dq_kernel, DQ_BLOCKS)):
+        fn = kernel.fn
+        pointers = {arg: tensors[arg] for arg in fn.arg_names if arg in tensors}
+        for bm, bn, warps, stages in blocks if all_configs else blocks[:1]:
+            consts = dict(D=head_dim, BM=bm, BN=bn, PRECISION="tf32")
+            shared[(name, bm, bn, warps, stages)] = build(kernel, pointers, consts, warps, stages)
+    pointers = {arg: tensors[arg] for arg in ("O", "DO", "DELTA")}
+    shared[("delta", 64, 0, 4, 1)] = build(_bwd_delta_kernel, pointers, dict(D=head_dim, BM=64), 4, 1)
+    return shared
