@@ -11,6 +11,10 @@ say "cpu-tiny" and the times say nothing about GPU speed.
 extra_info: TFLOP/s counting allowed (query, key) pairs only, 4·B·H·D·pairs for the forward (two matmuls) and
 3.5× that for forward + backward (five more matmuls in the backward, P recomputed); speedup_vs_sdpa_dense_bias
 (baseline median / this median, same run); on CUDA also triton.testing.do_bench's median (do_bench_ms).
+
+test_kv_cache_sampling times one layer's attention over a whole VAR sampling run (append + attend per scale, B = 64
+images x 2 for CFG on CUDA): the static KVCache against VAR's released torch.cat growth + SDPA.
+The results also go to .benchmarks/block_attn.md as a markdown table (printed with -s).
 """
 import os
 
@@ -18,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nvg.kernels import block_attention, block_attention_ref, block_mask
+from nvg.kernels import KVCache, block_attention, block_attention_ref, block_mask
 from nvg.kernels.block_attn import block_attn_bwd_triton, block_attn_fwd_triton
 
 HAS_CUDA = torch.cuda.is_available()
@@ -180,3 +184,57 @@ def test_block_attn(benchmark, record_baseline, report_ratio, provider, shape, m
 
         report_ratio(key, BASELINE, benchmark, baseline)
     ROWS.append(dict(benchmark.extra_info, shape=shape, mode=mode, provider=provider))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One layer's attention over a whole VAR sampling run: the static cache against VAR's released torch.cat growth.
+CACHE_SHAPE = (128, 16, 64, VAR_SIDES) if HAS_CUDA else (2, 2, 32, (1, 2, 3, 4))  # B = 64 images x 2 (CFG)
+CACHE_PROVIDERS = ["cat_sdpa", "nvg_static_cache"]
+
+
+def sampling_run(provider):
+    B, H, D, sides = CACHE_SHAPE
+    ids = var_ids(sides)
+    L = len(ids)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(3))
+    steps = [(int(o), n * n) for o, n in zip(torch.tensor([0] + [n * n for n in sides]).cumsum(0), sides)]
+    cache = KVCache(B, H, L, D, dtype=DTYPE, device=DEVICE, block_ids=ids)
+
+    def run():
+        if provider == "nvg_static_cache":
+            for offset, n in steps:
+                s = slice(offset, offset + n)
+                cache.append(k[:, :, s], v[:, :, s], offset)
+                cache.attend(q[:, :, s], offset)
+        else:  # VAR as released: keys and values grow by concatenation, each scale attends to all of them
+            k_all = v_all = None
+            for offset, n in steps:
+                s = slice(offset, offset + n)
+                k_all = k[:, :, s] if k_all is None else torch.cat((k_all, k[:, :, s]), dim=2)
+                v_all = v[:, :, s] if v_all is None else torch.cat((v_all, v[:, :, s]), dim=2)
+                F.scaled_dot_product_attention(q[:, :, s], k_all, v_all)
+        sync()
+
+    return run
+
+
+@pytest.mark.parametrize("provider", CACHE_PROVIDERS)
+def test_kv_cache_sampling(benchmark, record_baseline, report_ratio, provider):
+    B, H, D, sides = CACHE_SHAPE
+    benchmark.group = f"kv_cache VAR sampling, one layer, B{B}-H{H}-D{D}-{len(sides)} scales{LABEL}"
+    run = sampling_run(provider)
+    run()  # compile / autotune every scale's shape
+    with torch.no_grad():
+        benchmark.pedantic(run, rounds=30 if HAS_CUDA else 3, iterations=5 if HAS_CUDA else 1, warmup_rounds=1)
+    benchmark.extra_info.update(ms=round(benchmark.stats.stats.median * 1e3, 4), dtype=str(DTYPE))
+    key = ("kv_cache", CACHE_SHAPE)
+    if provider == CACHE_PROVIDERS[0]:
+        record_baseline(key, benchmark)
+    else:
+        report_ratio(key, CACHE_PROVIDERS[0], benchmark, sampling_run(CACHE_PROVIDERS[0]))
+    speedup = benchmark.extra_info.get(f"speedup_vs_{CACHE_PROVIDERS[0]}", "1.0 (baseline)")
+    ROWS.append(dict(shape=f"VAR sampling, one layer, B={B}, H={H}, D={D}, {len(sides)} scales", mode=f"{len(sides)} steps",
+                     provider=provider, ms=benchmark.extra_info["ms"], TFLOP_per_s="-",
+                     device=ROWS[0]["device"] if ROWS else DEVICE, dtype=str(DTYPE),
+                     **{f"speedup_vs_{BASELINE}": f"{speedup} vs {CACHE_PROVIDERS[0]}"}))
