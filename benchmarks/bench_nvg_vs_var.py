@@ -1,0 +1,228 @@
+"""NVG against VAR at equal size, in one run: sampling latency and throughput, training step, decode, memory.
+
+    pytest benchmarks/bench_nvg_vs_var.py --benchmark-only [--benchmark-json=.benchmarks/nvg_vs_var.json]
+    NVG_BENCH_SIZES=d16 pytest benchmarks/bench_nvg_vs_var.py --benchmark-only     # one size only
+
+Sizes: on a CPU the tiny presets (nvg-tiny + tiny-ae-32px-8x8 against var-tiny + var-vae-tiny, 32 px, ~1.3M
+transformer parameters each); on a GPU d16, d20 and d24 with random weights (nvg-d{n} + nvg-ae-f16 against
+var-d{n} + var-vae-ch160, 256 px), bf16 autocast, NVG's compiled sampler (`Sampler(fast=True)`: CUDA graphs).
+
+Groups (one table each; VAR, the baseline, runs first; NVG's extra_info has speedup_vs_var = VAR median / NVG
+median, measured in the same run):
+  sample-b1-<size>     latency of one image, class-conditional, CFG on, tokens -> image (VAE decode included)
+  sample-b16/b64-...   throughput (images_per_s in extra_info)
+  decode-b16-<size>    the VAE decoder alone (latent -> image), reported separately
+  train-b<n>-<size>    one optimizer step of the generator / transformer on tokens extracted beforehand (the
+                       tokenizer's encoder is not timed: both methods can pre-extract); images_per_s in extra_info
+extra_info also holds the parameter counts (generator, tokenizer) and, on a GPU, the peak memory of the call
+(torch.cuda.max_memory_allocated, MiB). On the GPU the VAR-d16 sampling figures are also compared with the released
+code's anchors (../shared/spec/anchors.md: 0.200 s at batch 1, 141 images/s at batch 64).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nvg.baselines.var.model import VAR
+from nvg.baselines.var.sample import make_caches, sample_indices
+from nvg.baselines.var.vqvae import VQVAE
+from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
+from nvg.sample import SampleConfig, Sampler
+from nvg.tokenizer import Tokenizer
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+AMP_DTYPE = torch.bfloat16 if HAS_CUDA else None
+SIZES = os.environ.get("NVG_BENCH_SIZES", "d16,d20,d24" if HAS_CUDA else "tiny").split(",")
+PRESETS = {  # size: (nvg generator, nvg tokenizer, var transformer, var tokenizer)
+    "tiny": ("nvg-tiny", "tiny-ae-32px-8x8", "var-tiny", "var-vae-tiny"),
+    **{f"d{n}": (f"nvg-d{n}", "nvg-ae-f16", f"var-d{n}", "var-vae-ch160") for n in (16, 20, 24)},
+}
+TRAIN_BATCH = 32 if HAS_CUDA else 16
+ROUNDS = {1: 10, 16: 5, 64: 3} if HAS_CUDA else {1: 3, 16: 1, 64: 1}
+RELEASED_VAR_D16 = {1: 0.200, 64: 64 / 141}  # seconds per call of the released code on an H200 (anchors.md)
+MODELS = ["var", "nvg"]  # the baseline first
+
+
+def sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def amp():
+    return torch.autocast(DEVICE.type, dtype=AMP_DTYPE) if AMP_DTYPE else nullcontext()
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+_CACHE: dict = {}
+
+
+def build(size: str, model: str):
+    """(generator, tokenizer) of `model` at `size`, random weights, eval mode, built once per run."""
+    key = (size, model)
+    if key not in _CACHE:
+        for other in [k for k in _CACHE if k[0] != size]:  # one size in memory at a time
+            del _CACHE[other]
+        torch.manual_seed(0)
+        nvg_name, nvg_tok, var_name, var_tok = PRESETS[size]
+        if model == "var":
+            tok = VQVAE.from_name(var_tok)
+            gen = VAR.from_name(var_name)
+        else:
+            tok = Tokenizer(nvg_tok)
+            cfg = GeneratorConfig.from_name(nvg_name, latent_dim=tok.cfg.latent_channels,
+                                            vocab_size=tok.cfg.codebook_size)
+            gen = NVGGenerator(cfg)
+        _CACHE[key] = (gen.to(DEVICE).eval(), tok.to(DEVICE).eval())
+    return _CACHE[key]
+
+
+def sampler_fn(size: str, model: str, batch: int):
+    """A callable that samples `batch` images (tokens -> image) and synchronises."""
+    gen, tok = build(size, model)
+    labels = torch.arange(batch, device=DEVICE) % 10
+    if model == "var":
+        caches = make_caches(gen, 2 * batch, DEVICE, AMP_DTYPE or torch.float32)
+
+        def run():
+            g = torch.Generator(DEVICE).manual_seed(0)
+            _, f_hat = sample_indices(gen, tok.quantize, labels, cfg=1.5, top_k=900, top_p=0.96, generator=g,
+                                      autocast_dtype=AMP_DTYPE, caches=caches)
+            with torch.no_grad(), amp():
+                tok.fhat_to_img(f_hat)
+            sync()
+    else:
+        sampler = Sampler(gen, tok.quantize, fast=HAS_CUDA)
+
+        def run():
+            with torch.no_grad(), amp():
+                vgs = sampler.generate(labels, SampleConfig(), seed=0)
+                tok.decode(vgs.f_hat)
+            sync()
+    return run
+
+
+def describe(benchmark, size, model):
+    gen, tok = build(size, model)
+    benchmark.extra_info.update(size=size, device=torch.cuda.get_device_name() if HAS_CUDA else "cpu",
+                                generator_params=count(gen), tokenizer_params=count(tok),
+                                dtype=str(AMP_DTYPE or torch.float32))
+
+
+def measure_peak(benchmark, fn):
+    if HAS_CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        benchmark.extra_info["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("batch", [1, 16, 64])
+@pytest.mark.parametrize("size", SIZES)
+def test_sample(benchmark, record_baseline, report_ratio, size, batch, model):
+    benchmark.group = f"sample-b{batch}-{size}"
+    fn = sampler_fn(size, model, batch)
+    fn()  # warm-up: compilation, CUDA graphs, allocator
+    describe(benchmark, size, model)
+    measure_peak(benchmark, fn)
+    benchmark.pedantic(fn, rounds=ROUNDS[batch], warmup_rounds=1 if HAS_CUDA else 0)
+    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
+    key = ("sample", size, batch)
+    if model == "var":
+        record_baseline(key, benchmark)
+        if HAS_CUDA and size == "d16" and batch in RELEASED_VAR_D16:
+            benchmark.extra_info["speedup_vs_released_var_anchor"] = round(
+                RELEASED_VAR_D16[batch] / benchmark.stats.stats.median, 2)
+    else:
+        report_ratio(key, "var", benchmark, sampler_fn(size, "var", batch))
+
+
+def decode_fn(size: str, model: str, batch: int):
+    gen, tok = build(size, model)
+    if model == "var":
+        c = tok.config
+        f_hat = torch.randn(batch, c.latent_channels, c.patch_nums[-1], c.patch_nums[-1], device=DEVICE)
+        decode = tok.fhat_to_img
+    else:
+        c = gen.cfg
+        f_hat = torch.randn(batch, c.num_positions, c.latent_dim, device=DEVICE)
+        decode = tok.decode
+
+    def run():
+        with torch.no_grad(), amp():
+            decode(f_hat)
+        sync()
+    return run
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("size", SIZES)
+def test_decode(benchmark, record_baseline, report_ratio, size, model):
+    batch = 16
+    benchmark.group = f"decode-b{batch}-{size}"
+    fn = decode_fn(size, model, batch)
+    fn()
+    describe(benchmark, size, model)
+    measure_peak(benchmark, fn)
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
+    if model == "var":
+        record_baseline(("decode", size), benchmark)
+    else:
+        report_ratio(("decode", size), "var", benchmark, decode_fn(size, "var", batch))
+
+
+def train_step_fn(size: str, model: str, batch: int):
+    """One optimizer step on tokens extracted beforehand from random images."""
+    gen, tok = build(size, model)
+    gen.train()
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    side = tok.config.image_size if model == "var" else tok.cfg.image_size
+    x = torch.rand(batch, 3, side, side, device=DEVICE) * 2 - 1
+    labels = torch.arange(batch, device=DEVICE) % 10
+    with torch.no_grad():
+        if model == "var":
+            idx = tok.img_to_indices(x)
+            x_BLCv, target = tok.quantize.indices_to_var_input(idx), torch.cat(idx, 1)
+        else:
+            vgs = tok.encode(x)
+
+    def run():
+        with amp():
+            if model == "var":
+                logits = gen(labels, x_BLCv)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+            else:
+                out = gen(vgs.canvas, vgs.labels, labels)
+                loss = generator_loss(out, vgs.f_hat, vgs.tokens)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+    return run
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("size", SIZES)
+def test_train_step(benchmark, record_baseline, report_ratio, size, model):
+    batch = TRAIN_BATCH
+    benchmark.group = f"train-b{batch}-{size}"
+    fn = train_step_fn(size, model, batch)
+    fn()
+    describe(benchmark, size, model)
+    measure_peak(benchmark, fn)
+    benchmark.pedantic(fn, rounds=5 if HAS_CUDA else 3, warmup_rounds=1)
+    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
+    if model == "var":
+        record_baseline(("train", size), benchmark)
+    else:
+        report_ratio(("train", size), "var", benchmark, train_step_fn(size, "var", batch))
+    build(size, model)[0].eval()
