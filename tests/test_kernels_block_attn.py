@@ -211,25 +211,30 @@ def test_rejects_bad_arguments(what):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# GPU only: bf16 at the VAR and NVG shapes, error budget relative to PyTorch's own bf16 attention
+# GPU only: bf16 at the VAR and NVG shapes. Error budget as in flash-attention's tests: at most twice the error of
+# the same math done naively in PyTorch at bf16 (scores, softmax and products rounded to bf16), both against fp32.
+def naive_low_precision(q, k, v, q_block, k_block):
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return s.masked_fill(~block_mask(q_block, k_block), float("-inf")).softmax(-1) @ v
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind,L", [("var", 680), ("prefix", 513), ("causal", 300), ("full", 257)])
 def test_cuda_bf16_error_budget(kind, L):
     B, H, D = 2, 4, 64
-    ids = (var_ids(range(1, 11)) if kind == "var" else block_ids(kind, L, 257)).cuda()
+    ids = (var_ids((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) if kind == "var" else block_ids(kind, L, 257)).cuda()
+    assert len(ids) == L
     q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     out = block_attention(q, k, v, ids, ids)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref_out, ref_grads = reference_grads(q, k, v, ids, ids, grad_out)
-    # the same math in PyTorch bf16 (SDPA with the boolean mask)
-    qb, kb, vb = (x.detach().requires_grad_() for x in (q, k, v))
-    bf = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=block_mask(ids, ids))
-    bf_grads = torch.autograd.grad(bf, (qb, kb, vb), grad_out)
-    for mine, torch_bf16, ref in zip((out, *grads), (bf, *bf_grads), (ref_out, *ref_grads)):
+    low = naive_low_precision(q, k, v, ids, ids)
+    low_grads = torch.autograd.grad(low, (q, k, v), grad_out)
+    for name, mine, naive, ref in zip("out dq dk dv".split(), (out, *grads), (low, *low_grads), (ref_out, *ref_grads)):
         err = (mine.float() - ref).abs().max().item()
-        budget = (torch_bf16.float() - ref).abs().max().item()
-        assert err <= 2 * budget + 1e-3, (err, budget)
+        budget = (naive.float() - ref).abs().max().item()
+        assert err <= 2 * budget + 1e-5, (name, err, budget)
 
 
 def test_without_triton_the_ops_run_the_reference():
