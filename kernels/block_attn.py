@@ -86,7 +86,7 @@ def _bwd_ref(grad_out, q, k, v, out, lse, q_block, k_block, scale):
 def _kv_len(q_block: Tensor, k_block: Tensor) -> tuple[Tensor, int]:
     """Allowed-prefix length per query, int32 [Lq] (batch stride 0) or [B, Lq]; needs k_block non-decreasing."""
     if q_block.dim() != k_block.dim():
-        batch = max(q_block.shape[0], k_block.shape[0]) if q_block.dim() == 2 else k_block.shape[0]
+        batch = q_block.shape[0] if q_block.dim() == 2 else k_block.shape[0]
         q_block = q_block.expand(batch, -1) if q_block.dim() == 1 else q_block
         k_block = k_block.expand(batch, -1) if k_block.dim() == 1 else k_block
     kv_len = torch.searchsorted(k_block.contiguous(), q_block.to(k_block.dtype).contiguous(), right=True)

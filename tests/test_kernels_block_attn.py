@@ -105,17 +105,21 @@ def test_triton_fwd_bwd_match_reference(case, dtype, nan_empty):
         assert_close(grad, ref, dtype, TRITON_DEVICE)
 
 
-def test_triton_per_batch_ids_and_strided_inputs():
-    # per-batch ids [B, L]; q, k, v as transposed views of [B, L, H, D] (model layout): non-contiguous strides
+@pytest.mark.parametrize("form", ["both", "q_only", "k_only"])
+def test_triton_per_batch_ids_and_strided_inputs(form):
+    # per-batch ids [B, L] (for q, k or both); q, k, v as transposed views of [B, L, H, D] (model layout)
     B, L, H, D = 2, 21, 2, 32
     q, k, v = (torch.randn(B, L, H, D, device=TRITON_DEVICE).transpose(1, 2) for _ in range(3))
-    ids = torch.stack([block_ids("prefix", L, 5), block_ids("causal", L)]).to(TRITON_DEVICE)
+    per_batch = torch.stack([block_ids("prefix", L, 5), block_ids("causal", L)]).to(TRITON_DEVICE)
+    shared = block_ids("causal", L).to(TRITON_DEVICE)
+    q_block = shared if form == "k_only" else per_batch
+    k_block = shared if form == "q_only" else per_batch
     scale = 0.3
-    out, lse = block_attn_fwd_triton(q, k, v, ids, ids, scale)
+    out, lse = block_attn_fwd_triton(q, k, v, q_block, k_block, scale)
     grad_out = torch.randn_like(out)
-    ref_out, ref_grads = reference_grads(q, k, v, ids, ids, grad_out, scale)
+    ref_out, ref_grads = reference_grads(q, k, v, q_block, k_block, grad_out, scale)
     assert_close(out, ref_out, torch.float32, TRITON_DEVICE)
-    for grad, ref in zip(block_attn_bwd_triton(grad_out, q, k, v, out, lse, ids, ids, scale), ref_grads):
+    for grad, ref in zip(block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, scale), ref_grads):
         assert_close(grad, ref, torch.float32, TRITON_DEVICE)
 
 
