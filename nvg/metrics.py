@@ -144,6 +144,26 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
 
 
+def frechet_distance_features(f1, f2) -> float:
+    """Frechet distance between the Gaussians fitted to features f1 [N,D] and f2 [M,D] (unbiased covariances).
+
+    Same value as frechet_distance(*feature_stats(f1), *feature_stats(f2)). When min(N, M) < D (few samples of
+    2048-d Inception features) it avoids the D x D eigen-decompositions: with A = (f1 - mu1) / sqrt(N-1) and
+    B = (f2 - mu2) / sqrt(M-1), S1 = A^T A and S2 = B^T B, so tr((S1 S2)^(1/2)) is the sum of the singular values
+    of the N x M matrix A B^T.
+    """
+    a, b = _as_f64(f1, "features 1"), _as_f64(f2, "features 2")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"features must be [N>=2,D] and [M>=2,D], got {list(a.shape)} and {list(b.shape)}")
+    if min(a.shape[0], b.shape[0]) >= a.shape[1]:
+        return frechet_distance(*feature_stats(a), *feature_stats(b))
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a = (a - mu1) / (a.shape[0] - 1) ** 0.5
+    b = (b - mu2) / (b.shape[0] - 1) ** 0.5
+    nuclear = torch.linalg.svdvals(a @ b.T).sum()
+    return float((mu1 - mu2).square().sum() + a.square().sum() + b.square().sum() - 2 * nuclear)
+
+
 def _kth_nn_radius(feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """Distance of each row to its k-th nearest other row (the self-distance 0 is the first of k+1)."""
     out = []

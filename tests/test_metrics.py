@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from nvg.metrics import codebook_usage, feature_stats, frechet_distance, precision_recall, psnr, ssim
+from nvg.metrics import (
+    codebook_usage,
+    feature_stats,
+    frechet_distance,
+    frechet_distance_features,
+    precision_recall,
+    psnr,
+    ssim,
+)
 
 
 def _random_spd(d, seed):
@@ -43,6 +51,18 @@ def test_frechet_rank_deficient_features():
     assert math.isfinite(v) and v > 0
     mu, sigma = feature_stats(f1)
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-7 * float(sigma.trace())  # round-off of 78 zero eigenvalues
+
+
+@pytest.mark.parametrize("n, m", [(20, 30), (300, 40), (200, 250)])
+def test_frechet_from_features_matches_stats(n, m):
+    # Low-rank route (min(n, m) < D = 128) and the covariance route give the same distance (up to the round-off
+    # of the covariance route: sqrt of the ~1e-16 noise of each zero eigenvalue adds ~1e-8 per missing rank).
+    g = torch.Generator().manual_seed(n + m)
+    f1 = torch.randn(n, 128, generator=g, dtype=torch.float64)
+    f2 = 1.2 * torch.randn(m, 128, generator=g, dtype=torch.float64) + 0.3
+    expected = frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    assert frechet_distance_features(f1, f2) == pytest.approx(expected, rel=1e-7)
+    assert abs(frechet_distance_features(f1, f1)) < 1e-9 * float(feature_stats(f1)[1].trace())
 
 
 def test_frechet_bad_shapes():

@@ -40,15 +40,18 @@ def crop(img: Image.Image, size: int, random: bool) -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """Yields (image float32 [3,H,W] in [-1,1], label int); classes are the sorted sub-folder names."""
+    """Yields (image float32 [3,H,W] in [-1,1], label int); classes are the sorted sub-folder names.
 
-    def __init__(self, root: str, split: str = "train", image_size: int = 32):
+    random_crop: random (True) or centre (False) crops; default: random for split "train" only."""
+
+    def __init__(self, root: str, split: str = "train", image_size: int = 32, random_crop: bool | None = None):
         split_dir = os.path.join(root, split)
         if os.path.isdir(split_dir):
             root = split_dir
         elif any(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
             raise FileNotFoundError(f"{root} has train/val sub-folders but no {split!r} one")
         self.root, self.split, self.image_size = root, split, image_size
+        self.random_crop = split == "train" if random_crop is None else random_crop
         self.class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not self.class_names:
             raise FileNotFoundError(f"{root} has no class sub-folders (expected ImageNet layout: <root>/<class>/*.jpg)")
@@ -65,6 +68,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
         try:
@@ -73,6 +80,6 @@ class ImageFolderDataset(Dataset):
         except OSError as e:
             raise OSError(f"cannot read image {path}: {e}") from e
         img = resize_shorter_side(img, round(MID_RATIO * self.image_size))
-        img = crop(img, self.image_size, random=self.split == "train")
+        img = crop(img, self.image_size, random=self.random_crop)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         return to_pm1(x), label

@@ -1,0 +1,470 @@
+"""Offline evaluation: FD-proxy, FID, precision/recall and class accuracy of samples; reconstruction metrics of the
+tokenizer. Nothing is downloaded.
+
+    python -m nvg.eval --samples samples.npz [--reference fashion-mnist] [--fid] [--n 1000] [--classes 0 3]
+    python -m nvg.eval tokenizer --ckpt runs/tokenizer [--dataset fashion-mnist] [--n 1000] [--fid]
+
+Every number is printed with its sample count and its floor: the same metric between two sets of real images of
+the same size (held-out real images against the reference), the value a perfect generator would get at that count.
+Reference: a dataset name from nvg.data (its `train` split is the reference, its `val` split gives the floor) or a
+folder / .npz of images (with train/ and val/ sub-folders, used the same way; otherwise a fixed random half of it
+gives the floor and the other half is the reference). Features of named datasets are cached in --cache-dir.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import DATASET_NAMES, ImageFolderDataset, load_dataset
+from .data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
+from .data.folder import IMAGE_EXTENSIONS
+from .fd_proxy import WEIGHTS_PATH, load_proxy_cnn
+from .metrics import feature_stats, frechet_distance, frechet_distance_features, precision_recall
+from .inception import InceptionFeatures, inception_available, INSTALL_HINT
+
+FASHION = ("fashion-mnist", "fashion-mnist-full")  # the label set the FD-proxy classifier knows
+CACHE_VERSION = 1  # bump when feature extraction changes
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("NVG_CACHE_DIR") or os.path.join(base, "nvg")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images in: .npz, folders, datasets
+# ----------------------------------------------------------------------------------------------------------------------
+def _u8_NCHW(x: np.ndarray, what: str) -> torch.Tensor:
+    if x.dtype != np.uint8:
+        raise ValueError(f"{what}: images must be uint8, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"{what}: images must be [N,H,W,3] or [N,H,W] with N > 0, got {list(x.shape)}")
+    return torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_images(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images uint8 [N,C,H,W] (C = 1 or 3) and labels int64 [N] (or None) from a .npz or a folder.
+
+    .npz: key `images` uint8 [N,H,W,3] or [N,H,W] (or `x`, as nvg/data's file) and optional `labels` (or `y`) [N].
+    Folder: every image file below it (sorted, all the same size, read as RGB). When the images sit in sub-folders
+    named by integers (0/, 1/, ...), those are their labels.
+    """
+    if os.path.isfile(path) and path.endswith(".npz"):
+        with np.load(path) as d:
+            key = "images" if "images" in d else "x" if "x" in d else None
+            if key is None:
+                raise ValueError(f"{path} has no `images` array (keys: {sorted(d.keys())})")
+            images = _u8_NCHW(d[key], path)
+            lab = d["labels"] if "labels" in d else d["y"] if "y" in d else None
+            labels = None if lab is None else torch.from_numpy(np.asarray(lab).astype(np.int64))
+        if labels is not None and labels.shape != (images.shape[0],):
+            raise ValueError(f"{path}: labels must be [N={images.shape[0]}], got {list(labels.shape)}")
+        return images, labels
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such .npz file or folder: {path}")
+    from PIL import Image
+
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+    arrays = []
+    for f in files:
+        with Image.open(f) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"images under {path} differ in size: {sorted(sizes)[:4]}")
+    images = _u8_NCHW(np.stack(arrays), path)
+    parents = [os.path.basename(os.path.dirname(f)) for f in files]
+    labels = torch.tensor([int(p) for p in parents]) if all(p.isdigit() for p in parents) else None
+    return images, labels
+
+
+def batches(source, batch_size: int):
+    """Float [B,C,H,W] batches in [-1,1] from a uint8 tensor [N,C,H,W], a float tensor, or a Dataset."""
+    if isinstance(source, torch.Tensor):
+        for i in range(0, source.shape[0], batch_size):
+            x = source[i : i + batch_size]
+            yield x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+    elif isinstance(source, Dataset):
+        for x, _ in DataLoader(source, batch_size=batch_size, shuffle=False):
+            yield x
+    else:
+        raise TypeError(f"expected an image tensor or a Dataset, got {type(source).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Feature networks
+# ----------------------------------------------------------------------------------------------------------------------
+class FeatureNet:
+    """A frozen feature extractor: `name` for reports, `key` for the cache, `fn(float images) -> [B,D]`."""
+
+    def __init__(self, name: str, key: str, fn, device):
+        self.name, self.key, self.fn, self.device = name, key, fn, torch.device(device)
+
+    @torch.inference_mode()
+    def __call__(self, source, batch_size: int = 100) -> torch.Tensor:
+        return torch.cat([self.fn(x.to(self.device)).float().cpu() for x in batches(source, batch_size)])
+
+
+def proxy_net(device="cpu") -> tuple[FeatureNet, torch.nn.Module]:
+    cnn = load_proxy_cnn(device=device)
+    with open(WEIGHTS_PATH, "rb") as f:
+        key = "fdproxy-" + hashlib.sha1(f.read()).hexdigest()[:10]
+    return FeatureNet("FD-proxy (not FID)", key, cnn.features, device), cnn
+
+
+def inception_net(device="cpu") -> FeatureNet:
+    return FeatureNet("FID (Inception-v3 2015-12-05)", "incv3-20151205", InceptionFeatures(device), device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference sets and cache
+# ----------------------------------------------------------------------------------------------------------------------
+def _atomic_save_npz(path: str, **arrays) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class RealSet:
+    """A set of real images: its source, labels, a name for the cache (None: never cached) and a description."""
+
+    def __init__(self, source, labels: torch.Tensor | None, cache_name: str | None, desc: str):
+        self.source, self.labels, self.cache_name, self.desc = source, labels, cache_name, desc
+
+    def __len__(self) -> int:
+        return len(self.labels) if self.labels is not None else len(self.source)
+
+    def part(self, start: int, stop: int):
+        """Images [start, stop), as a tensor slice or a dataset Subset."""
+        if isinstance(self.source, torch.Tensor):
+            return self.source[start:stop]
+        return torch.utils.data.Subset(self.source, range(start, stop))
+
+    def features(self, net: FeatureNet, count: int, cache_dir: str | None, batch_size: int) -> torch.Tensor:
+        """Features [count, D] of the first `count` images. Named datasets cache them (a prefix, extended on demand,
+        with its mean and covariance) in cache_dir/<dataset>_<split>_<size>px_<network>_v<version>.npz."""
+        count = min(count, len(self))
+        if self.cache_name is None or cache_dir is None:
+            return net(self.part(0, count), batch_size)
+        path = os.path.join(cache_dir, f"{self.cache_name}_{net.key}_v{CACHE_VERSION}.npz")
+        feats = torch.zeros(0)
+        if os.path.exists(path):
+            with np.load(path) as d:
+                feats = torch.from_numpy(d["features"])
+        if feats.shape[0] < count:
+            new = net(self.part(feats.shape[0], count), batch_size)
+            feats = torch.cat([feats.reshape(-1, new.shape[1]), new])
+            mu, sigma = feature_stats(feats) if feats.shape[0] > 1 else (feats.mean(0), torch.zeros(0))
+            _atomic_save_npz(path, features=feats.numpy(), mu=np.asarray(mu), sigma=np.asarray(sigma))
+        return feats[:count]
+
+
+def _dataset_set(name: str, split: str, image_size: int) -> RealSet:
+    if name in DATASET_NAMES:
+        ds = load_dataset(name, split, image_size)
+        cache = f"{name}_{split}_{image_size}px"
+    else:  # a folder: always centre crops (deterministic features); never cached
+        load_dataset(name, split, image_size)  # validates the arguments
+        ds, cache = ImageFolderDataset(name, split, image_size, random_crop=False), None
+    source = getattr(ds, "images", ds)  # in-memory datasets: read the uint8 tensor directly
+    return RealSet(source, ds.labels, cache, f"{name} {split}")
+
+
+def reference_sets(reference: str, image_size: int) -> tuple[RealSet, RealSet]:
+    """(reference set, held-out real set for the floor)."""
+    if reference not in DATASET_NAMES and not os.path.exists(reference):
+        raise ValueError(f"unknown reference {reference!r}: expected one of {DATASET_NAMES}, a folder or a .npz file")
+    if reference in DATASET_NAMES or (os.path.isdir(reference) and os.path.isdir(os.path.join(reference, "val"))):
+        return _dataset_set(reference, "train", image_size), _dataset_set(reference, "val", image_size)
+    if os.path.isdir(reference) and any(e.is_dir() for e in os.scandir(reference)):
+        source = ImageFolderDataset(reference, "val", image_size, random_crop=False)  # class folders, centre crops
+        labels = source.labels
+    else:
+        source, labels = load_images(reference)
+        labels = labels if labels is not None else torch.full((len(source),), -1)
+    if len(labels) < 8:
+        raise ValueError(f"reference {reference} has {len(labels)} images: too few to split for the floor")
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    half = len(labels) // 2
+    parts = []
+    for idx, part in ((perm[half:], "reference half"), (perm[:half], "held-out half")):
+        src = source[idx] if isinstance(source, torch.Tensor) else torch.utils.data.Subset(source, idx.tolist())
+        parts.append(RealSet(src, labels[idx], None, f"{reference} {part}"))
+    return parts[0], parts[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+def _row(metric, value, n, floor=None, floor_n=None, note="") -> dict:
+    return {"metric": metric, "value": value, "n": n, "floor": floor, "floor_n": floor_n, "note": note}
+
+
+def _select(labels: torch.Tensor | None, classes, limit: int | None) -> torch.Tensor:
+    """Indices of the rows whose label is in `classes` (all rows when None), at most `limit` of them."""
+    n = len(labels)
+    idx = torch.arange(n) if classes is None else torch.nonzero(torch.isin(labels, torch.tensor(classes))).flatten()
+    return idx if limit is None else idx[:limit]
+
+
+def evaluate_samples(images: torch.Tensor, labels: torch.Tensor | None = None, reference: str = "fashion-mnist",
+                     fid: bool = False, n: int | None = None, classes: list[int] | None = None,
+                     ref_n: int | None = None, cache_dir: str | None = None, batch_size: int = 100,
+                     device="cpu", k: int = 3) -> list[dict]:
+    """Metrics of generated images against a reference set; see the module docstring.
+
+    Args:
+        images: uint8 [N,C,H,W] (C = 1 or 3, H = W). labels: int64 [N] (the class each sample was asked for) or None.
+        n: use the first n samples (after the class filter). classes: keep only samples of these labels.
+        ref_n: use only the first ref_n reference images (default: all).
+    Returns:
+        rows {"metric", "value", "n", "floor", "floor_n", "note"}; floors compare held-out real images with the
+        same reference, at the same count (or fewer, when the held-out set is smaller: floor_n says so).
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"samples must be uint8 [N,1|3,H,W], got {images.dtype} {list(images.shape)}")
+    if images.shape[2] != images.shape[3]:
+        raise ValueError(f"samples must be square, got {images.shape[2]}x{images.shape[3]}")
+    if classes is not None and labels is None:
+        raise ValueError("--classes needs sample labels (the `labels` array of the .npz)")
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be [N={images.shape[0]}], got {list(labels.shape)}")
+    idx = _select(labels if labels is not None else torch.zeros(len(images), dtype=torch.long), classes, None)
+    if n is not None and n > len(idx):
+        raise ValueError(f"asked for n={n} samples but only {len(idx)} are available" +
+                         (f" in classes {classes}" if classes else ""))
+    idx = idx[:n] if n is not None else idx
+    if len(idx) <= k:
+        raise ValueError(f"need more than k={k} samples, got {len(idx)}")
+    images, labels = images[idx], labels[idx] if labels is not None else None
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    ref, held = reference_sets(reference, images.shape[2])
+    ref_idx = _select(ref.labels, classes, ref_n) if classes is None or (ref.labels >= 0).all() else None
+    held_idx = _select(held.labels, classes, len(idx)) if classes is None or (held.labels >= 0).all() else None
+    if ref_idx is None or held_idx is None:
+        raise ValueError(f"--classes needs a labelled reference; {reference} has no labels")
+    if len(ref_idx) <= k or len(held_idx) <= k:
+        raise ValueError(f"reference {reference} has too few images ({len(ref_idx)} reference, {len(held_idx)} held out)")
+    N, R, F = len(idx), len(ref_idx), len(held_idx)
+    note = f"reference: {ref.desc} ({R} images); floor: {held.desc}"
+    proxy, cnn = proxy_net(device)
+    nets = [proxy] + ([inception_net(device)] if fid else [])
+    rows, proxy_feats = [], None
+    for net in nets:
+        fs = net(images, batch_size)
+        fr = ref.features(net, int(ref_idx.max()) + 1, cache_dir, batch_size)[ref_idx]
+        fh = held.features(net, int(held_idx.max()) + 1, cache_dir, batch_size)[held_idx]
+        proxy_feats = (fs, fh) if net is proxy else proxy_feats
+        fd, floor = frechet_distance_features(fs, fr), frechet_distance_features(fh, fr)
+        rows.append(_row(net.name, fd, N, floor, F, note))
+        m, mf = min(N, R), min(F, R)
+        pr, pr_floor = precision_recall(fr[:m], fs[:m], k), precision_recall(fr[:mf], fh[:mf], k)
+        feats_name = "FD-proxy CNN" if net is nets[0] else "Inception"
+        for key in ("precision", "recall"):
+            rows.append(_row(f"{key} (k={k}, {feats_name} features)", pr[key], m, pr_floor[key], mf,
+                             f"against {m} reference images"))
+    if labels is not None:
+        rows += class_accuracy(cnn.head, *proxy_feats, labels, held.labels[held_idx], reference)
+    return rows
+
+
+@torch.inference_mode()
+def class_accuracy(head, feats, held_feats, labels, held_labels, reference: str) -> list[dict]:
+    """Accuracy of the FD-proxy classifier (head on its features) on the samples of each requested class;
+    floor: the same on held-out real images."""
+    if reference not in FASHION:
+        return [_row("class accuracy (FD-proxy CNN)", None, len(labels), note="n/a: the classifier knows the "
+                     "Fashion-MNIST classes only")]
+    device = next(head.parameters()).device
+    pred, held_pred = (head(f.to(device)).argmax(1).cpu() for f in (feats, held_feats))
+    rows = [_row("class accuracy (FD-proxy CNN)", float((pred == labels).float().mean()), len(labels),
+                 float((held_pred == held_labels).float().mean()), len(held_labels))]
+    names = FASHION_CLASS_NAMES
+    for c in sorted(set(labels.tolist())):
+        m, mh = labels == c, held_labels == c
+        name = names[c] if names and 0 <= c < len(names) else str(c)
+        floor = float((held_pred[mh] == c).float().mean()) if mh.any() else None
+        rows.append(_row(f"  class {c} ({name})", float((pred[m] == c).float().mean()), int(m.sum()), floor,
+                         int(mh.sum())))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A markdown table: metric | value | n | floor (real vs real) | floor n."""
+
+    def num(v):
+        return "n/a" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+    lines = ["| metric | value | n | floor (real vs real) | floor n |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['metric']} | {num(r['value'])} | {r['n']} | {num(r['floor'])} | {r['floor_n'] or ''} |")
+    notes = sorted({r["note"] for r in rows if r["note"]})
+    return "\n".join(lines + [""] + [f"- {t}" for t in notes])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+def vocab_size_of(tokenizer) -> int:
+    for cfg in (getattr(tokenizer, "config", None), getattr(tokenizer, "cfg", None)):
+        for field in ("vocab_size", "codebook_size"):
+            if cfg is not None and isinstance(getattr(cfg, field, None), int):
+                return getattr(cfg, field)
+    return int(tokenizer.quantize.embedding.weight.shape[0])
+
+
+@torch.inference_mode()
+def evaluate_tokenizer(tokenizer, dataset: Dataset, n: int = 1000, batch_size: int = 50, fid: bool = False,
+                       device="cpu") -> dict:
+    """Reconstruction quality of the first n images of `dataset` and codebook usage per stage.
+
+    `tokenizer.encode(images)` must return an object with `tokens` (stage i: long [B, 2**i]) and
+    `tokenizer.decode(that)` images in [-1, 1]. rFD-proxy (and rFID with fid=True) compare the reconstructions with
+    the originals; their floor compares the originals with the next n real images of the dataset (when it has 2n).
+    Returns a dict: n, psnr, ssim (means), rfd_proxy, rfd_proxy_floor, [rfid, rfid_floor], floor_n, codebook
+    (a list of codebook_usage dicts, one per stage) and codebook_all (all stages pooled).
+    """
+    from .metrics import codebook_usage, psnr, ssim
+
+    if n > len(dataset) or n < 2:
+        raise ValueError(f"n must be in [2, {len(dataset)}] (the dataset size), got {n}")
+    was_training = getattr(tokenizer, "training", False)
+    if hasattr(tokenizer, "eval"):
+        tokenizer.eval()
+    vocab = vocab_size_of(tokenizer)
+    nets = [proxy_net(device)[0]] + ([inception_net(device)] if fid else [])
+    p, s, tokens, f_orig, f_rec = [], [], [], [[] for _ in nets], [[] for _ in nets]
+    for x in batches(torch.utils.data.Subset(dataset, range(n)), batch_size):
+        x = x.to(device)
+        vgs = tokenizer.encode(x)
+        rec = tokenizer.decode(vgs).float().clamp(-1, 1)
+        p.append(psnr(x, rec).cpu())
+        s.append(ssim(x, rec).cpu())
+        tokens.append([t.cpu() for t in vgs.tokens])
+        for j, net in enumerate(nets):
+            f_orig[j].append(net.fn(x).float().cpu())
+            f_rec[j].append(net.fn(rec).float().cpu())
+    if was_training:
+        tokenizer.train()
+    stages = [torch.cat([t[i] for t in tokens]) for i in range(len(tokens[0]))]
+    out = {"n": n, "psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean()),
+           "codebook": [codebook_usage(t, vocab) for t in stages], "codebook_all": codebook_usage(stages, vocab),
+           "vocab_size": vocab}
+    floor_n = min(n, len(dataset) - n)
+    out["floor_n"] = floor_n
+    for j, (net, key) in enumerate(zip(nets, ("rfd_proxy", "rfid"))):
+        fo, fr = torch.cat(f_orig[j]), torch.cat(f_rec[j])
+        out[key] = frechet_distance_features(fo, fr)
+        out[key + "_floor"] = None
+        if floor_n > 1:
+            other = net(torch.utils.data.Subset(dataset, range(n, n + floor_n)), batch_size)
+            out[key + "_floor"] = frechet_distance_features(fo, other)
+    return out
+
+
+def format_tokenizer(r: dict) -> str:
+    def num(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = ["| metric | value | n | floor (real vs real) | floor n |", "|---|---:|---:|---:|---:|",
+             f"| PSNR (dB) | {r['psnr']:.2f} | {r['n']} | | |", f"| SSIM | {r['ssim']:.4f} | {r['n']} | | |",
+             f"| rFD-proxy (not FID) | {num(r['rfd_proxy'])} | {r['n']} | {num(r['rfd_proxy_floor'])} | {r['floor_n']} |"]
+    if "rfid" in r:
+        lines.append(f"| rFID (Inception-v3) | {num(r['rfid'])} | {r['n']} | {num(r['rfid_floor'])} | {r['floor_n']} |")
+    lines += ["", f"| stage | tokens | codes used (of {r['vocab_size']}) | usage | perplexity |", "|---:|---:|---:|---:|---:|"]
+    for i, u in enumerate(r["codebook"] + [r["codebook_all"]]):
+        stage = i if i < len(r["codebook"]) else "all"
+        lines.append(f"| {stage} | {u['count']} | {u['used']} | {u['usage']:.4f} | {u['perplexity']:.1f} |")
+    return "\n".join(lines)
+
+
+def load_tokenizer_checkpoint(path: str, ema: bool = False, device="cpu"):
+    """A Tokenizer from a training run directory (its latest checkpoint) or one checkpoint directory."""
+    from .tokenizer import Tokenizer, TokenizerConfig
+    from .trainer import latest_checkpoint, load_weights, read_config
+
+    ckpt = path if os.path.exists(os.path.join(path, "config.json")) else latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory (config.json) nor a run with checkpoints")
+    cfg = read_config(ckpt)
+    model_cfg = cfg.get("model", cfg)
+    if cfg.get("kind") not in (None, "tokenizer"):
+        raise ValueError(f"{ckpt} holds a {cfg.get('kind')!r} checkpoint, not a tokenizer")
+    tok = Tokenizer(TokenizerConfig.from_dict(model_cfg))
+    tok.load_state_dict(load_weights(ckpt, ema=ema))
+    return tok.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------------
+def _write_json(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fid", action="store_true", help=f"also FID with Inception-v3 (needs `{INSTALL_HINT}`)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokenizer"]:
+        p = argparse.ArgumentParser(prog="python -m nvg.eval tokenizer", description="Evaluate a tokenizer checkpoint")
+        p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or checkpoint dir")
+        p.add_argument("--ema", action="store_true", help="use the EMA weights")
+        p.add_argument("--dataset", default="fashion-mnist")
+        p.add_argument("--split", default="val")
+        p.add_argument("--n", type=int, default=1000)
+        _common(p)
+        a = p.parse_args(argv[1:])
+        if a.fid and not inception_available():
+            p.error(f"--fid needs the Inception weights: {INSTALL_HINT}")
+        tok = load_tokenizer_checkpoint(a.ckpt, a.ema, a.device)
+        ds = load_dataset(a.dataset, a.split, tok.cfg.image_size)
+        res = evaluate_tokenizer(tok, ds, a.n, a.batch_size, a.fid, a.device)
+        print(f"tokenizer {a.ckpt} on {a.dataset} {a.split}\n\n{format_tokenizer(res)}")
+    else:
+        p = argparse.ArgumentParser(prog="python -m nvg.eval", description=__doc__.splitlines()[0])
+        p.add_argument("--samples", required=True, help=".npz (images [N,H,W,3] uint8, optional labels) or folder")
+        p.add_argument("--reference", default="fashion-mnist", help=f"one of {DATASET_NAMES}, a folder or a .npz")
+        p.add_argument("--n", type=int, help="use the first n samples (default: all)")
+        p.add_argument("--ref-n", type=int, help="use the first ref-n reference images (default: all)")
+        p.add_argument("--classes", type=int, nargs="+", help="keep only samples of these labels")
+        p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
+        p.add_argument("--cache-dir", default=None, help=f"reference feature cache (default {default_cache_dir()})")
+        _common(p)
+        a = p.parse_args(argv)
+        if a.fid and not inception_available():
+            p.error(f"--fid needs the Inception weights: {INSTALL_HINT}")
+        images, labels = load_images(a.samples)
+        res = evaluate_samples(images, labels, a.reference, a.fid, a.n, a.classes, a.ref_n, a.cache_dir,
+                               a.batch_size, a.device, a.k)
+        print(f"samples {a.samples} against {a.reference}\n\n{format_rows(res)}")
+    if a.json:
+        _write_json(a.json, res)
+
+
+if __name__ == "__main__":
+    main()

