@@ -22,6 +22,9 @@ class KVCache(nn.Module):
     written (j < offset + new length). block_ids default to arange(max_len), i.e. causal attention; VAR uses the
     scale index of each token, a prefix-LM uses 0 for the prefix and 1 for the rest.
 
+    A new sampling run simply writes from offset 0 again: attention only reads positions below offset + length, so
+    there is nothing to reset. Calls must use the full batch_size (allocate per batch size, CFG included).
+
     Args:
         batch_size, num_heads, max_len, head_dim: buffer shape [B, H, L_max, D].
         dtype, device: of the buffers (keys and values must be appended in this dtype).

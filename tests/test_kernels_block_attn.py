@@ -10,6 +10,8 @@ import nvg  # noqa: F401  (loads nvg._C: the Python ops share its `nvg` namespac
 from nvg.kernels import block_attention, block_attention_ref, block_mask
 from nvg.kernels.block_attn import block_attn_bwd_triton, block_attn_fwd_triton
 
+# triton 3.6's interpreter converts 1-element numpy arrays to scalars, deprecated in numpy >= 1.25: noise only
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 HAS_CUDA = torch.cuda.is_available()
 # Without a GPU the Triton launchers run in the interpreter on CPU tensors (root conftest sets TRITON_INTERPRET=1).
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
