@@ -29,6 +29,7 @@ except ImportError:  # the CPU build of torch does not depend on triton
 if HAS_TRITON:
     from .block_attn_kernels import (
         DOT_PRECISION,
+        INTERPRET,
         _block_attn_bwd_dkdv_kernel,
         _block_attn_bwd_dq_kernel,
         _block_attn_fwd_kernel,
@@ -122,6 +123,7 @@ def block_attn_fwd_triton(q, k, v, q_block, k_block, scale):
 
 def block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, scale):
     grad_out, q, k, v, out = _rows(grad_out), _rows(q), _rows(k), _rows(v), _rows(out)
+    lse = lse.contiguous()  # [B, H, Lq], indexed as (b * H + h) * Lq + i
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     kv_len, stride_nb = _kv_len(q_block, k_block)
@@ -129,7 +131,7 @@ def block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, scale):
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, Lk, D), dtype=v.dtype, device=q.device)
-    delta_bm = 16 if DOT_PRECISION == "ieee" else 64
+    delta_bm = 16 if INTERPRET else 64
     wrap_triton(_bwd_delta_kernel)[(_cdiv(Lq, delta_bm), B * H)](
         out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1),
         grad_out.stride(2), H, Lq, D=D, BM=delta_bm)
