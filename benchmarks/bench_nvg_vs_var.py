@@ -10,7 +10,8 @@ var-d{n} + var-vae-ch160, 256 px), bf16 autocast, NVG's compiled sampler (`Sampl
 Groups (one table each; VAR, the baseline, runs first; NVG's extra_info has speedup_vs_var = VAR median / NVG
 median, measured in the same run):
   sample-b1-<size>     latency of one image, class-conditional, CFG on, tokens -> image (VAE decode included)
-  sample-b16/b64-...   throughput (images_per_s in extra_info)
+  sample-b16/b64-...   throughput (images_per_s in extra_info); on a GPU also `var_graphs`: VAR with one CUDA graph
+                       per scale (nvg.baselines.var.graphs.GraphedSampler)
   decode-b16-<size>    the VAE decoder alone (latent -> image), reported separately
   train-b<n>-<size>    one optimizer step of the generator / transformer on tokens extracted beforehand (the
                        tokenizer's encoder is not timed: both methods can pre-extract); images_per_s in extra_info
@@ -28,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nvg.baselines.var.graphs import GraphedSampler
 from nvg.baselines.var.model import VAR
 from nvg.baselines.var.sample import make_caches, sample_indices
 from nvg.baselines.var.vqvae import VQVAE
@@ -47,6 +49,8 @@ TRAIN_BATCH = 32 if HAS_CUDA else 16
 ROUNDS = {1: 10, 16: 5, 64: 3} if HAS_CUDA else {1: 3, 16: 1, 64: 1}
 RELEASED_VAR_D16 = {1: 0.200, 64: 64 / 141}  # seconds per call of the released code on an H200 (anchors.md)
 MODELS = ["var", "nvg"]  # the baseline first
+# sampling also runs VAR with one CUDA graph per scale on a GPU (the baseline stays the eager static-cache VAR)
+SAMPLE_MODELS = ["var", "var_graphs", "nvg"] if HAS_CUDA else MODELS
 
 
 def sync():
@@ -67,6 +71,7 @@ _CACHE: dict = {}
 
 def build(size: str, model: str):
     """(generator, tokenizer) of `model` at `size`, random weights, eval mode, built once per run."""
+    model = "var" if model.startswith("var") else model
     key = (size, model)
     if key not in _CACHE:
         for other in [k for k in _CACHE if k[0] != size]:  # one size in memory at a time
@@ -89,7 +94,16 @@ def sampler_fn(size: str, model: str, batch: int):
     """A callable that samples `batch` images (tokens -> image) and synchronises."""
     gen, tok = build(size, model)
     labels = torch.arange(batch, device=DEVICE) % 10
-    if model == "var":
+    if model == "var_graphs":
+        graphed = GraphedSampler(gen, tok.quantize, batch, autocast_dtype=AMP_DTYPE)
+
+        def run():
+            g = torch.Generator(DEVICE).manual_seed(0)
+            _, f_hat = graphed(labels, cfg=1.5, top_k=900, top_p=0.96, generator=g)
+            with torch.no_grad(), amp():
+                tok.fhat_to_img(f_hat)
+            sync()
+    elif model == "var":
         caches = make_caches(gen, 2 * batch, DEVICE, AMP_DTYPE or torch.float32)
 
         def run():
@@ -117,6 +131,11 @@ def describe(benchmark, size, model):
                                 dtype=str(AMP_DTYPE or torch.float32))
 
 
+def timed(benchmark) -> bool:
+    """False under --benchmark-disable (a smoke run: no statistics to report)."""
+    return benchmark.stats is not None
+
+
 def measure_peak(benchmark, fn):
     if HAS_CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -124,7 +143,7 @@ def measure_peak(benchmark, fn):
         benchmark.extra_info["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", SAMPLE_MODELS)
 @pytest.mark.parametrize("batch", [1, 16, 64])
 @pytest.mark.parametrize("size", SIZES)
 def test_sample(benchmark, record_baseline, report_ratio, size, batch, model):
@@ -134,13 +153,15 @@ def test_sample(benchmark, record_baseline, report_ratio, size, batch, model):
     describe(benchmark, size, model)
     measure_peak(benchmark, fn)
     benchmark.pedantic(fn, rounds=ROUNDS[batch], warmup_rounds=1 if HAS_CUDA else 0)
+    if not timed(benchmark):
+        return
     benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
     key = ("sample", size, batch)
+    if HAS_CUDA and model.startswith("var") and size == "d16" and batch in RELEASED_VAR_D16:
+        benchmark.extra_info["speedup_vs_released_var_anchor"] = round(
+            RELEASED_VAR_D16[batch] / benchmark.stats.stats.median, 2)
     if model == "var":
         record_baseline(key, benchmark)
-        if HAS_CUDA and size == "d16" and batch in RELEASED_VAR_D16:
-            benchmark.extra_info["speedup_vs_released_var_anchor"] = round(
-                RELEASED_VAR_D16[batch] / benchmark.stats.stats.median, 2)
     else:
         report_ratio(key, "var", benchmark, sampler_fn(size, "var", batch))
 
@@ -173,6 +194,8 @@ def test_decode(benchmark, record_baseline, report_ratio, size, model):
     describe(benchmark, size, model)
     measure_peak(benchmark, fn)
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    if not timed(benchmark):
+        return
     benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
     if model == "var":
         record_baseline(("decode", size), benchmark)
@@ -220,9 +243,12 @@ def test_train_step(benchmark, record_baseline, report_ratio, size, model):
     describe(benchmark, size, model)
     measure_peak(benchmark, fn)
     benchmark.pedantic(fn, rounds=5 if HAS_CUDA else 3, warmup_rounds=1)
+    build(size, model)[0].eval()
+    if not timed(benchmark):
+        return
     benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 2)
     if model == "var":
         record_baseline(("train", size), benchmark)
     else:
         report_ratio(("train", size), "var", benchmark, train_step_fn(size, "var", batch))
-    build(size, model)[0].eval()
+        build(size, "var")[0].eval()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nvg.baselines.var.checkpoint import load_var, load_vqvae
+from nvg.baselines.var.graphs import GraphedSampler
 from nvg.baselines.var.model import VAR
 from nvg.baselines.var.sample import (filter_top_k_top_p, make_caches, sample, sample_indices,
                                       sample_indices_recompute)
@@ -63,6 +64,36 @@ def test_seeded_sampling_is_deterministic_and_caches_reusable(tiny):
     g = torch.Generator().manual_seed(3)
     again, _ = sample_indices(var, vae.quantize, labels, top_k=50, generator=g, caches=caches)
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_static_buffer_sampler_equals_sample_indices(tiny):
+    """GraphedSampler's static-buffer path (eager here) gives the same tokens as sample_indices, call after call."""
+    vae, var = tiny
+    labels = torch.tensor([3, 10])
+    graphed = GraphedSampler(var, vae.quantize, batch=2, use_graphs=False)
+    for seed in (0, 1):
+        expected, f_expected = sample_indices(var, vae.quantize, labels, cfg=1.5, top_k=20,
+                                              generator=torch.Generator().manual_seed(seed))
+        got, f_got = graphed(labels, cfg=1.5, top_k=20, generator=torch.Generator().manual_seed(seed))
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        torch.testing.assert_close(f_got, f_expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="built for batch 2"):
+        graphed(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        GraphedSampler(var, vae.quantize, batch=2, use_graphs=True)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_equal_eager_on_gpu(tiny):
+    vae, var = (m.to("cuda") for m in tiny)
+    try:
+        labels = torch.tensor([3, 10], device="cuda")
+        graphed = GraphedSampler(var, vae.quantize, batch=2)
+        expected, _ = sample_indices(var, vae.quantize, labels, cfg=1.5, top_k=1)
+        got, _ = graphed(labels, cfg=1.5, top_k=1)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    finally:
+        vae.to("cpu"), var.to("cpu")
 
 
 def test_top_k_top_p_filter():

@@ -85,14 +85,11 @@ def sample_indices(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, c
     Returns: (token maps, each long (B, pn_k^2); f_hat (B, Cvae, h, w) fp32).
     """
     check_pair(var, quantizer)
+    check_labels(var, labels_B)
     c = var.config
     device = var.pos_1LC.device
-    if labels_B.ndim != 1 or labels_B.dtype != torch.long:
-        raise ValueError(f"labels must be long (B,), got {labels_B.dtype} {tuple(labels_B.shape)}")
-    if labels_B.numel() == 0 or labels_B.min() < 0 or labels_B.max() > c.num_classes:
-        raise ValueError(f"labels must be non-empty class ids in [0, {c.num_classes}]")
     labels_B = labels_B.to(device)
-    B, K = labels_B.shape[0], len(c.patch_nums)
+    B = labels_B.shape[0]
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     cache_dtype = autocast_dtype or var.pos_1LC.dtype
     if caches is None:
@@ -103,13 +100,34 @@ def sample_indices(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, c
     cond_2BD = var.class_emb(torch.cat((labels_B, torch.full_like(labels_B, c.num_classes))))
     with amp:
         mods = [block.modulation(cond_2BD) for block in var.blocks]
+
+    def run_scale(k: int, x_2BlC: Tensor, cond_2BD: Tensor) -> Tensor:
+        with amp:
+            return var.forward_scale(x_2BlC, k, cond_2BD, mods, caches)
+
+    return scale_loop(var, quantizer, labels_B, cfg, top_k, top_p, generator, run_scale)
+
+
+def check_labels(var: VAR, labels_B: Tensor) -> None:
+    if labels_B.ndim != 1 or labels_B.dtype != torch.long:
+        raise ValueError(f"labels must be long (B,), got {labels_B.dtype} {tuple(labels_B.shape)}")
+    if labels_B.numel() == 0 or labels_B.min() < 0 or labels_B.max() > var.config.num_classes:
+        raise ValueError(f"labels must be non-empty class ids in [0, {var.config.num_classes}]")
+
+
+def scale_loop(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, cfg: float, top_k: int, top_p: float,
+               generator: torch.Generator | None, run_scale) -> tuple[list[Tensor], Tensor]:
+    """The next-scale loop around `run_scale(k, x_2BlC, cond_2BD) -> fp32 logits (2B, pn_k^2, V)`, which runs
+    the transformer on scale k's input tokens (eagerly, or by replaying a captured graph)."""
+    c = var.config
+    B, K = labels_B.shape[0], len(c.patch_nums)
+    cond_2BD = var.class_emb(torch.cat((labels_B, torch.full_like(labels_B, c.num_classes))))
     level_pos_1LC = var.level_position(0, c.seq_len)
     x_2BlC = cond_2BD[:, None] + var.pos_start + level_pos_1LC[:, : var.first_len]
-    f_hat = torch.zeros(B, quantizer.channels, quantizer.side, quantizer.side, device=device)
+    f_hat = torch.zeros(B, quantizer.channels, quantizer.side, quantizer.side, device=labels_B.device)
     idx_list = []
-    for k, pn in enumerate(c.patch_nums):
-        with amp:
-            logits_2BlV = var.forward_scale(x_2BlC, k, cond_2BD, mods, caches)
+    for k in range(K):
+        logits_2BlV = run_scale(k, x_2BlC, cond_2BD)
         t = cfg * k / (K - 1)
         logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
         idx_Bl = sample_tokens(logits_BlV, top_k, top_p, generator)
