@@ -98,7 +98,8 @@ class MultiScaleQuantizer(nn.Module):
 
     def _check_latent(self, f_BChw: Tensor) -> None:
         if f_BChw.ndim != 4 or f_BChw.shape[1] != self.channels or f_BChw.shape[2:] != (self.side, self.side):
-            raise ValueError(f"latent must be (B, {self.channels}, {self.side}, {self.side}), got {tuple(f_BChw.shape)}")
+            raise ValueError(f"latent must be (B, {self.channels}, {self.side}, {self.side}), "
+                             f"got {tuple(f_BChw.shape)}")
 
     def _check_indices(self, idx_list: list[Tensor], count: int) -> None:
         if len(idx_list) < count:

@@ -20,7 +20,7 @@ from nvg.discriminator import PatchDiscriminator, generator_loss, hinge_d_loss
 from nvg.metrics import codebook_usage, psnr
 
 from .train_common import RunState
-from .vqvae import VQVAE, VQVAEConfig, VQVAE_PRESETS
+from .vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig
 
 
 @torch.no_grad()
