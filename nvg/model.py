@@ -302,9 +302,10 @@ def generator_loss(out: dict, f_hat_BNC: Tensor, tokens: list[Tensor], repa_targ
     """
     S = len(out["logits"])
     terms, loss = {}, 0.0
+    f_hat_BNC = f_hat_BNC.float()
     for i in range(S):
-        final = F.mse_loss(out["x0_hat"][:, i], f_hat_BNC)
-        lg = out["logits"][i].flatten(0, 1)
+        final = F.mse_loss(out["x0_hat"][:, i].float(), f_hat_BNC)
+        lg = out["logits"][i].flatten(0, 1).float()
         lg = lg - lg.amax(-1, keepdim=True).detach()
         target = tokens[i].flatten()
         ce = F.cross_entropy(lg, target)
@@ -312,13 +313,13 @@ def generator_loss(out: dict, f_hat_BNC: Tensor, tokens: list[Tensor], repa_targ
         terms[f"final_{i}"], terms[f"ce_{i}"] = final.item(), ce.item()
         terms[f"acc_{i}"] = (lg.argmax(-1) == target).float().mean().item()
         if repa_target is not None:
-            proj = F.normalize(out["repa_projected"][:, i], dim=-1)
+            proj = F.normalize(out["repa_projected"][:, i].float(), dim=-1)
             repa = 1 - (proj * F.normalize(repa_target, dim=-1)).sum(-1).mean()
             loss = loss + repa_weight * repa
             terms[f"repa_{i}"] = repa.item()
     Ks = out["struct_pred"].shape[1]
     for k in range(Ks):
-        st = F.mse_loss(out["struct_pred"][:, k], out["struct_target"][:, k])
+        st = F.mse_loss(out["struct_pred"][:, k].float(), out["struct_target"][:, k].float())
         loss = loss + st * S / Ks
         terms[f"struct_{k}"] = st.item()
     loss = loss / S

@@ -264,3 +264,9 @@ class Sampler:
                 if tuple(t.shape) != (B, 2**i):
                     raise ValueError(f"fixed tokens of stage {i} must be ({B}, {2**i}), got {tuple(t.shape)}")
         return structure.shape[1]
+
+
+if __name__ == "__main__":
+    from .sample_cli import main
+
+    main()
