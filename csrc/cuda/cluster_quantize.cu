@@ -20,7 +20,9 @@
 // the float32 error bound (the CPU kernel's: 2 (C + 6) u (max |e|^2 + 2 |r| max |e|) + 1e-30, u = 2^-24) are rescored
 // exactly as the CPU kernel does it: one warp per query, lanes over codes, dot = sum_c r_c e_c in double in channel
 // order with separate roundings (no FMA), s = |e|^2 - 2 dot, strict < from +inf, lowest index on ties, 0 when no score
-// is below +inf. Outside that band the float32 winner is the true nearest code, as is the CPU kernel's.
+// is below +inf. Outside that band the float32 winner is the true nearest code, as is the CPU kernel's. The bound
+// assumes no float32 overflow: when max |e|^2 + 2 |r| max |e| >= 1e30 the query is always rescored exactly (the CPU
+// kernel lacks this guard; the two differ only there, where its float32 pass can overflow).
 //
 // Equality with the CPU kernel: the means are bit-identical. The ids are identical whenever the nearest code is
 // separated from the others by more than double rounding (~C * 2^-53 relative): both kernels then return the true
@@ -222,8 +224,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int ql = i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4);
       const int64_t q = q0 + ql;
       if (q < Q) {
-        const double tol = 2.0 * (double(C) + 6.0) * u * (max_ee + 2.0 * rnorm[q] * max_enorm) + 1e-30;
-        if (arg[i] != kNone && double(second[i]) - double(best[i]) > tol) {
+        const double scale = max_ee + 2.0 * rnorm[q] * max_enorm;  // bounds |s_v| and every partial sum
+        const double tol = 2.0 * (double(C) + 6.0) * u * scale + 1e-30;
+        // scale < 1e30: float32 cannot overflow (max 3.4e38), so the bound holds; beyond, always rescore.
+        if (scale < 1e30 && arg[i] != kNone && double(second[i]) - double(best[i]) > tol) {
           ids[q] = arg[i];
         } else {
           exact_list[atomicAdd(&exact_len, 1)] = ql;
