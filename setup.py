@@ -44,7 +44,9 @@ def sources(use_cuda):
 def extension():
     use_cuda = want_cuda()
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
-    cxx = opt + ["-fopenmp"]  # at::parallel_for is OpenMP-backed: without the flag it runs serially
+    # at::parallel_for is OpenMP-backed: without -fopenmp it runs serially. -ffp-contract=off: no fused multiply-adds
+    # in the double-precision decisions, so CPU and CUDA kernels round identically on every platform.
+    cxx = opt + ["-fopenmp", "-ffp-contract=off"]
     if not use_cuda:
         return CppExtension("nvg._C", sources(False), extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
                             py_limited_api=False)
@@ -53,12 +55,13 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     include_dirs = []
     try:  # pip-installed CUDA torch ships cusparse.h etc. here; <ATen/cuda/CUDAContext.h> needs them
-        import nvidia
+        import nvidia  # a namespace package: no __file__, look through its __path__
 
-        for sub in ("cu13", "cu12"):
-            d = os.path.join(os.path.dirname(nvidia.__file__), sub, "include")
-            if os.path.isdir(d):
-                include_dirs.append(d)
+        for base in getattr(nvidia, "__path__", []):
+            for sub in ("cu13", "cu12"):
+                d = os.path.join(base, sub, "include")
+                if os.path.isdir(d):
+                    include_dirs.append(d)
     except ImportError:
         pass
     # No --use_fast_math: nearest-code and clustering decisions compare distances exactly.

@@ -27,7 +27,8 @@ typedef float v8f __attribute__((vector_size(32)));  // GCC/Clang vector extensi
 
 // Fast pass for kQB queries r32 [kQB, C] over all codes: s_v = |e_v|^2 - 2 r.e_v in float32, best and second best.
 // Compiled twice (x86-64-v3 with AVX2+FMA, and baseline x86-64) and picked at load time, so the build stays portable.
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+// fp-contract=fast here only: this float32 pass may fuse (its error bound allows it); the exact paths may not.
+__attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
 void score_block(const float* r32, int64_t C, const float* tiles, const float* ee, int64_t Vp, float* best,
                  float* second, int64_t* arg) {
   for (int64_t q = 0; q < kQB; ++q) {
@@ -101,7 +102,17 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residu
   const at::Tensor E64 = codebook.to(at::kDouble).contiguous();
   check_finite(x, "cluster_quantize", "residual");
   check_finite(E64, "cluster_quantize", "codebook");
-  const at::Tensor ee64 = E64.square().sum(1);
+  // |e_v|^2 summed in channel order (as the CUDA kernel does), so the exact rescoring is bit-identical on both devices
+  at::Tensor ee64 = at::empty({V}, E64.options());
+  {
+    const double* e = E64.data_ptr<double>();
+    double* out = ee64.data_ptr<double>();
+    for (int64_t v = 0; v < V; ++v) {
+      double acc = 0.0;
+      for (int64_t c = 0; c < C; ++c) acc += e[v * C + c] * e[v * C + c];
+      out[v] = acc;
+    }
+  }
   const at::Tensor ee32 = ee64.to(at::kFloat);
   const double max_ee = ee64.max().item<double>();
   const double max_enorm = std::sqrt(max_ee);
@@ -143,7 +154,6 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residu
     }
   });
 
-  const float* ee = ee32.data_ptr<float>();
   const double* E = E64.data_ptr<double>();
   const double* eed = ee64.data_ptr<double>();
   int64_t* ip = ids.data_ptr<int64_t>();
@@ -168,9 +178,12 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residu
       int64_t arg[kQB];
       score_block(r32.data(), C, tiles.data(), ee_pad.data(), Vp, best, second, arg);
       for (int64_t q = 0; q < qn; ++q) {
-        const double tol = 2.0 * (double(C) + 6.0) * u * (max_ee + 2.0 * std::sqrt(rnorm[q]) * max_enorm) + 1e-30;
+        const double scale = max_ee + 2.0 * std::sqrt(rnorm[q]) * max_enorm;  // bounds |s_v| and its partial sums
+        const double tol = 2.0 * (double(C) + 6.0) * u * scale + 1e-30;
         const double* r = mp + (q0 + q) * C;
-        ip[q0 + q] = (double(second[q]) - double(best[q]) > tol) ? arg[q] : nearest_code_exact(r, E, eed, V, C);
+        // scale >= 1e30: float32 could overflow (max 3.4e38) and the bound fails: always rescore exactly.
+        const bool sure = scale < 1e30 && double(second[q]) - double(best[q]) > tol;
+        ip[q0 + q] = sure ? arg[q] : nearest_code_exact(r, E, eed, V, C);
       }
     }
   });

@@ -40,7 +40,8 @@ void rescan_row(Workspace& w, int64_t M, int64_t r) {
   double best = kInf;
   int32_t arg = -1;
   for (int64_t c = 0; c < M; ++c) {
-    if (w.alive[c] && c != r && d[c] < best) {
+    // A distance that overflowed to inf (finite inputs beyond ~1e154) still names a valid partner: the first.
+    if (w.alive[c] && c != r && (arg < 0 || d[c] < best)) {
       best = d[c];
       arg = static_cast<int32_t>(c);
     }

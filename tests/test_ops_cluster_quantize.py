@@ -120,3 +120,37 @@ def _args(**kw):
 def test_bad_inputs(kw, match):
     with pytest.raises(RuntimeError, match=match):
         cluster_quantize(*_args(**kw))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("B, N, C, n, V", [(1, 140, 40, 140, 1000), (2, 64, 1, 16, 1), (3, 77, 32, 64, 4097)])
+def test_cuda_shapes_and_dtypes_match_cpu(B, N, C, n, V, dtype):
+    res, E = torch.randn(B, N, C).to(dtype), torch.randn(V, C).to(dtype)
+    labels = torch.randint(0, n, (B, N))
+    ids, means = cluster_quantize(res.cuda(), labels.cuda(), n, E.cuda())
+    ids_c, means_c = cluster_quantize(res, labels, n, E)
+    assert torch.equal(ids.cpu(), ids_c)
+    torch.testing.assert_close(means.cpu(), means_c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("idx", range(len(sample_inputs("cpu"))), ids=[c[0] for c in sample_inputs("cpu")])
+def test_cuda_label_errors_and_stream(idx):
+    name, res, labels, n, E = sample_inputs("cpu")[idx]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        ids, _ = cluster_quantize(res.cuda(), labels.cuda(), n, E.cuda())
+    stream.synchronize()
+    assert torch.equal(ids.cpu(), cluster_quantize(res, labels, n, E)[0]), name
+    with pytest.raises(RuntimeError, match=r"\[0, num_clusters"):
+        cluster_quantize(res.cuda(), torch.full_like(labels, n).cuda(), n, E.cuda())
+
+
+def test_float32_overflow_range_is_rescored_exactly():
+    """|e|^2 near 1e36: float32 scores would overflow; the op must still return the exact nearest codes."""
+    g = torch.Generator().manual_seed(3)
+    res = torch.randn(2, 16, 4, generator=g, dtype=torch.float64) * 1e17
+    E = torch.randn(40, 4, generator=g, dtype=torch.float64) * 1e17
+    labels = torch.randint(0, 8, (2, 16), generator=g)
+    assert torch.equal(cluster_quantize(res, labels, 8, E)[0], cluster_quantize_ref(res, labels, 8, E)[0])

@@ -95,3 +95,41 @@ def test_compile_fullgraph():
 def test_bad_inputs(make, match):
     with pytest.raises(RuntimeError, match=match):
         granularity_cluster(make())
+
+
+# ---- CUDA-only cases (the kernel's shared-memory and global-memory paths, chunking, streams)
+@pytest.mark.cuda
+@pytest.mark.parametrize("B, N, C", [(67, 256, 32), (5, 1024, 32), (3, 256, 128), (4, 1, 3), (4, 2, 1)],
+                         ids=["B67-smem", "N1024-global", "C128-global", "N1", "N2-C1"])
+def test_cuda_paths_match_cpu(B, N, C):
+    f = torch.randn(B, N, C)
+    assert torch.equal(granularity_cluster(f.cuda()).cpu(), granularity_cluster(f))
+
+
+@pytest.mark.cuda
+def test_cuda_workspace_chunking_and_stream(monkeypatch):
+    f = torch.randn(5, 64, 7)
+    expected = granularity_cluster(f)
+    monkeypatch.setenv("NVG_CLUSTER_WORKSPACE_MB", "0")  # one image per launch
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = granularity_cluster(f.cuda())
+    stream.synchronize()
+    assert torch.equal(out.cpu(), expected)
+    monkeypatch.setenv("NVG_CLUSTER_WORKSPACE_MB", "abc")
+    with pytest.raises(RuntimeError, match="NVG_CLUSTER_WORKSPACE_MB"):
+        granularity_cluster(f.cuda())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("make, match", [(lambda: torch.full((1, 4, 2), float("nan")), "NaN"),
+                                         (lambda: torch.randn(2, 4, 16).transpose(1, 2), "contiguous")])
+def test_cuda_bad_inputs(make, match):
+    with pytest.raises(RuntimeError, match=match):
+        granularity_cluster(make().cuda())
+
+
+def test_huge_magnitudes_keep_valid_structure():
+    """Squared distances overflow to inf beyond ~1e154: the labels must still be nested and balanced."""
+    f = torch.randn(2, 32, 4, dtype=torch.float64) * 1e200
+    check_structure(granularity_cluster(f), 32)
