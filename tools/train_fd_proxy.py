@@ -31,7 +31,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (SHIFT,) * 4, value=-1.0)
     dy, dx = torch.randint(0, 2 * SHIFT + 1, (2, x.shape[0]), generator=g).tolist()
     h, w = x.shape[-2:]
-    return torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    return torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(zip(dy, dx, strict=True))])
 
 
 @torch.no_grad()

@@ -11,7 +11,11 @@ def to_pm1(u8: torch.Tensor) -> torch.Tensor:
 
 def pad_and_resize(x_NHW: torch.Tensor, pad_to: int, image_size: int, chunk: int = 4096) -> torch.Tensor:
     """Zero-pad uint8 gray images [N,h,w] centrally to pad_to x pad_to, then resize to image_size (bilinear with
-    antialiasing, rounded back to uint8) when image_size differs from pad_to. Returns uint8 [N, image_size, image_size]."""
+    antialiasing, rounded back to uint8) when image_size differs from pad_to.
+
+    Returns:
+        uint8 [N, image_size, image_size].
+    """
     n, h, w = x_NHW.shape
     if h > pad_to or w > pad_to:
         raise ValueError(f"images of {h}x{w} px do not fit a {pad_to}x{pad_to} pad")
