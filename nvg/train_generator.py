@@ -29,6 +29,9 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class TrainConfig:
+    """Defaults are the main job's tiny CPU run (`python -m nvg.train`); the official ImageNet recipe is
+    `--preset nvg-d16 --lr` unset (1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes` unset."""
+
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
     preset: str = "nvg-tiny"  # generator preset; latent size, channels, vocabulary and classes come from the data
     depth: int | None = None  # override the preset's depth / width
@@ -36,29 +39,29 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     max_images: int | None = None  # train on the first n images only (quick experiments, tests)
     out_dir: str = "runs/generator"
-    steps: int = 3000
-    batch_size: int = 32  # per process
-    lr: float | None = None  # peak LR; None = 1e-4 x global batch / 256 (official scaling)
+    steps: int = 2000
+    batch_size: int = 16  # per process
+    lr: float | None = 1e-3  # peak LR; None = 1e-4 x global batch / 256 (official scaling)
     schedule: str = "wsd"  # warm-up, constant, linear decay to final_lr_ratio from decay_start x steps
-    warmup_steps: int = 100
+    warmup_steps: int = 50  # official: 1000
     decay_start: float = 0.8
     final_lr_ratio: float = 0.1
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.99  # official: 0.9999 (hundreds of thousands of steps)
     null_class_prob: float = 0.1  # classifier-free guidance training
     cache_tokens: bool = True  # encode the dataset once (exact for datasets without random augmentation)
     compile: bool = False
     amp: bool = True  # bf16 autocast (GPU only)
-    sample_every: int = 500
+    sample_every: int = 250
     samples_per_class: int = 8
     sample_steps: int = 25  # structure Euler steps for the sample grids
-    ckpt_every: int = 500
-    log_every: int = 25
+    ckpt_every: int = 100
+    log_every: int = 10
     seed: int = 0
     resume: bool = False
     device: str | None = None
-    max_minutes: float | None = None  # stop (with a checkpoint) after this wall-clock time
+    max_minutes: float | None = 4.0  # stop (with a checkpoint) after this wall-clock time; main job: 4 min
     stop_after: int | None = None  # stop as if killed after this step (resume tests)
 
 
