@@ -213,6 +213,8 @@ def main(cfg: TrainConfig) -> dict:
         if (results["tokenizer"]["stopped"] or "").startswith("stop_after"):
             T.destroy_distributed()
             return results
+        if dist.world_size > 1:  # rank 0 writes and evaluates the checkpoint the transformer stage loads
+            torch.distributed.barrier()
     if cfg.stage in ("transformer", "both"):
         vae_path = cfg.vae_checkpoint or str(out / "tokenizer")
         results["transformer"] = train_transformer(cfg, dist, out / "transformer", vae_path)
