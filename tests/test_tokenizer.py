@@ -13,6 +13,15 @@ REF_DIR = Path(os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().pare
 SEED = 20250818
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # small convolutions: one thread avoids OpenMP barrier stalls when other processes share the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ref():
     path = REF_DIR / "nvg_ref_small.pt"

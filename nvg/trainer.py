@@ -1,0 +1,319 @@
+"""Shared training machinery: distributed setup, precision, EMA, LR schedules, resumable batches, atomic checkpoints,
+progress bar and image grids. Used by the tokenizer, generator and VAR training scripts (each writes its own loop).
+
+Checkpoint layout (one directory per save, `run_dir/ckpt-<step>/`):
+    model.safetensors   model weights (state_dict)            ema.safetensors   EMA weights (when kept)
+    config.json         {"kind", "model": ..., "train": ...}  state.pt          optimizers, step, data position, RNG
+`run_dir/latest` names the newest complete checkpoint. Every file is written into a temporary directory that is then
+renamed into place (os.replace), so a run killed at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; with WORLD_SIZE > 1 join the process group (nccl on GPU,
+    gloo on CPU). `device` = "cpu" / "cuda" forces a device type; default: cuda when available."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    dev_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
+    dev = torch.device("cuda", local) if dev_type == "cuda" else torch.device(dev_type)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local, dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / torch.compile wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+# ----------------------------------------------------------------------------- precision, seeds, RNG
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on GPU; a no-op on CPU (bf16 convolutions are slow there and the tiny runs are fp32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers (fp32 shadow copies)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in unwrap(model).state_dict().items()
+                       if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in unwrap(model).state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        if set(sd) != set(self.shadow):
+            raise KeyError(f"EMA state does not match the model: {sorted(set(sd) ^ set(self.shadow))[:3]}")
+        self.shadow = {k: v.float().clone().to(self.shadow[k].device) for k, v in sd.items()}
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Temporarily load the EMA weights into `model` (e.g. for evaluation), restore the raw ones afterwards."""
+        m = unwrap(model)
+        backup = {k: v.detach().clone() for k, v in m.state_dict().items() if k in self.shadow}
+        m.load_state_dict(self.shadow, strict=False)
+        try:
+            yield m
+        finally:
+            m.load_state_dict(backup, strict=False)
+
+
+# ----------------------------------------------------------------------------- LR schedules
+def lr_factor(step: int, total_steps: int, schedule: str = "constant", warmup_steps: int = 0,
+              decay_start: float = 0.8, final_ratio: float = 0.1, warmup_start: float = 0.005) -> float:
+    """Multiplier of the peak LR at `step` (0-based).
+
+    Args:
+        schedule: "constant"; "cosine" (warm-up, then cosine from 1 to final_ratio at total_steps); "wsd"
+            (NVG generator: warm-up, constant, linear decay to final_ratio from decay_start * total_steps).
+        warmup_steps: linear warm-up from warmup_start to 1 over these steps (all schedules).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return warmup_start + (1 - warmup_start) * step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "wsd":
+        start = max(warmup_steps, int(decay_start * total_steps))
+        if step < start:
+            return 1.0
+        t = min(1.0, (step - start) / max(1, total_steps - start))
+        return 1 - (1 - final_ratio) * t
+    raise ValueError(f"unknown LR schedule {schedule!r}: expected 'constant', 'cosine' or 'wsd'")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- data order
+class ResumableBatches:
+    """Per-epoch shuffled index batches that can restart at any (epoch, batch): the order of epoch e is a permutation
+    drawn from a generator seeded with (seed, e) alone, split across ranks like DistributedSampler (drop_last)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if n < batch_size * world_size:
+            raise ValueError(f"dataset of {n} items is smaller than one global batch ({batch_size} x {world_size})")
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world_size, shuffle
+        self.batches_per_epoch = n // (batch_size * world_size)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        per_rank = order[: self.batches_per_epoch * self.batch_size * self.world][self.rank :: self.world]
+        return per_rank.view(self.batches_per_epoch, self.batch_size).tolist()
+
+    def iterate(self, epoch: int, batch: int) -> Iterator[tuple[int, int, list[int]]]:
+        """Yield (epoch, batch index in epoch, indices) forever, starting at (epoch, batch)."""
+        while True:
+            for b, idx in enumerate(self.epoch_batches(epoch)[batch:], start=batch):
+                yield epoch, b, idx
+            epoch, batch = epoch + 1, 0
+
+
+def collate(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
+    """Stack (image, label) items of a map-style dataset."""
+    items = [dataset[i] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, config: dict, state: dict,
+                    ema: EMA | None = None, keep: int = 2) -> Path:
+    """Write `run_dir/ckpt-<step>/` atomically and point `run_dir/latest` at it; keep the newest `keep` checkpoints.
+
+    Args:
+        model: weights go to model.safetensors (unwrapped from DDP/compile).
+        config: JSON-serialisable description (what to rebuild the model from).
+        state: anything torch.save can store (optimizer state dicts, step, data position, RNG states).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"ckpt-{step:08d}"
+    tmp = run_dir / f".tmp-ckpt-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()},
+              str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save(state, tmp / "state.pt")
+    for f in tmp.iterdir():  # data on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(run_dir / "latest", final.name + "\n")
+    for old in sorted(run_dir.glob("ckpt-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `run_dir/latest` names (or the newest complete ckpt-* directory); None when there is none."""
+    run_dir = Path(run_dir)
+    latest = run_dir / "latest"
+    if latest.exists():
+        p = run_dir / latest.read_text().strip()
+        if (p / "state.pt").exists():
+            return p
+    done = [p for p in sorted(run_dir.glob("ckpt-*")) if (p / "state.pt").exists()]
+    return done[-1] if done else None
+
+
+def read_config(ckpt: str | os.PathLike) -> dict:
+    path = Path(ckpt) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def load_weights(ckpt: str | os.PathLike, ema: bool = False) -> dict[str, Tensor]:
+    """Model (or EMA) weights of a checkpoint directory."""
+    name = "ema.safetensors" if ema else "model.safetensors"
+    path = Path(ckpt) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found" + (" (this run kept no EMA)" if ema else ""))
+    return load_file(str(path))
+
+
+def load_state(ckpt: str | os.PathLike, map_location="cpu") -> dict:
+    return torch.load(Path(ckpt) / "state.pt", map_location=map_location, weights_only=False)
+
+
+def check_same_config(saved: dict, current: dict, what: str) -> None:
+    """Raise naming the first field where a checkpoint's configuration differs from the current one."""
+    diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"checkpoint {what} differs from the requested one: {k} = {saved.get(k)!r} in the checkpoint, "
+                         f"{current.get(k)!r} now ({len(diff)} field(s) differ: {diff})")
+
+
+# ----------------------------------------------------------------------------- logging and images
+def progress(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+def image_grid(images: Tensor, nrow: int = 8, pad: int = 2) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with `nrow` images per row and white padding."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    B, C, H, W = x.shape
+    ncol = min(nrow, B)
+    nrows = math.ceil(B / ncol)
+    grid = torch.full((C, nrows * (H + pad) + pad, ncol * (W + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = x[i]
+    return grid.permute(1, 2, 0)
+
+
+def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 1) -> Path:
+    """Write images (B, 3, H, W) in [-1, 1] as one PNG grid (atomically); `scale` enlarges small images."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(image_grid(images, nrow).numpy())
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,155 @@
+"""Tokenizer training: exact resume, DDP (gloo, 2 CPU processes), stage-wise reconstruction, configuration checks."""
+
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from nvg import train as cli
+from nvg import trainer as T
+from nvg.tokenizer import Tokenizer
+from nvg.train_tokenizer import TrainConfig, main
+
+BASE = TrainConfig(preset="test-ae-16px-4x4", dataset="shapes", batch_size=8, steps=6, lr=1e-3, log_every=2,
+                   image_every=1000, ckpt_every=1000, eval_images=16, device="cpu", ema_decay=0.9)
+
+
+def run(tmp_path, name, **kw):
+    return main(dataclasses.replace(BASE, out_dir=str(tmp_path / name), **kw))
+
+
+def weights(ckpt, ema=False):
+    return load_file(str(ckpt / ("ema.safetensors" if ema else "model.safetensors")))
+
+
+def assert_same_state(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    for k, v in weights(a, ema=True).items():
+        assert torch.equal(v, weights(b, ema=True)[k]), f"ema {k}"
+    sa, sb = T.load_state(a), T.load_state(b)
+    assert (sa["step"], sa["epoch"], sa["batch_in_epoch"]) == (sb["step"], sb["epoch"], sb["batch_in_epoch"])
+    assert torch.equal(sa["disc_optimizer"]["state"][0]["exp_avg"], sb["disc_optimizer"]["state"][0]["exp_avg"])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: one thread avoids OpenMP barrier stalls when other processes share the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_is_exact(tmp_path):
+    # a straight run vs a run stopped after 3 steps (as if killed; checkpoint at the stop) and resumed
+    run(tmp_path, "straight")
+    stopped = run(tmp_path, "resumed", stop_after=3)
+    assert stopped["steps"] == 3 and "val_raw" not in stopped
+    resumed = run(tmp_path, "resumed", resume=True)
+    assert resumed["steps"] == 6 and resumed["steps_this_run"] == 3
+    assert_same_state(T.latest_checkpoint(tmp_path / "straight"), T.latest_checkpoint(tmp_path / "resumed"))
+    for f in ("recon_raw.png", "stages_raw.png", "recon_ema.png", "stages_ema.png", "metrics.json"):
+        assert (tmp_path / "resumed" / f).exists(), f
+
+
+def image_folder(root, n=24):
+    """A tiny ImageNet-layout folder (2 classes, 20x20 RGB PNGs): random 16 px crops use the torch RNG."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        d = root / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        px = torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(px).save(d / f"{i}.png")
+    return str(root)
+
+
+def test_resume_across_ibq_and_epoch_boundary(tmp_path):
+    # 24 images / batch 8 = 3 batches per epoch: IBQ in epoch 0, argmin afterwards; stop inside epoch 1
+    kw = dict(dataset=image_folder(tmp_path / "data"), steps=8, ibq_epochs=1)
+    run(tmp_path, "a", **kw)
+    run(tmp_path, "b", stop_after=4, **kw)
+    assert T.load_state(T.latest_checkpoint(tmp_path / "b"))["epoch"] == 1
+    run(tmp_path, "b", resume=True, **kw)
+    assert_same_state(T.latest_checkpoint(tmp_path / "a"), T.latest_checkpoint(tmp_path / "b"))
+    assert T.load_state(T.latest_checkpoint(tmp_path / "a"))["epoch"] == 2
+
+
+def test_stages_reduce_reconstruction_error(tmp_path):
+    res = run(tmp_path, "quality", steps=120, disc="none", ibq_epochs=0, lr=3e-3, batch_size=16, log_every=40)
+    tok = Tokenizer.from_checkpoint(tmp_path / "quality", ema=False)
+    from nvg.data import load_dataset
+
+    x, _ = T.collate(load_dataset("shapes", "val", 16), list(range(64)))
+    vgs = tok.encode(x)
+    errs = [(img - x).square().mean().item() for img in tok.decode_stages(vgs)]
+    assert len(errs) == tok.num_stages == 5
+    for i in range(1, len(errs)):
+        assert errs[i] <= errs[i - 1] * 1.02, errs  # adding a stage does not make the reconstruction worse
+    assert errs[-1] < 0.7 * errs[0], errs
+    lat = [(vgs.f_hat if i == 4 else vgs.canvas[:, i + 1]) for i in range(5)]
+    f = tok.encoder(x).flatten(2).transpose(1, 2)
+    lat_errs = [(c - f).square().mean().item() for c in lat]
+    assert all(b <= a + 1e-6 for a, b in zip(lat_errs, lat_errs[1:])), lat_errs
+    assert res["val_raw"]["psnr"] > 12
+
+
+def test_bad_configurations(tmp_path):
+    run(tmp_path, "r", steps=2, disc="none")
+    with pytest.raises(ValueError, match="latent_size"):
+        run(tmp_path, "r", steps=4, resume=True, disc="none", preset="tiny-ae-32px-8x8")
+    with pytest.raises(ValueError, match="without a discriminator"):
+        run(tmp_path, "r", steps=4, resume=True)
+    with pytest.raises(ValueError, match="disc"):
+        run(tmp_path, "x", disc="dino")
+    with pytest.raises(ValueError, match="unknown tokenizer preset"):
+        run(tmp_path, "x", preset="huge")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Tokenizer.from_checkpoint(tmp_path / "nothing")
+
+
+def test_cli_parses_into_the_dataclass():
+    mod, cfg = cli.parse(["tokenizer", "--steps", "5", "--no-amp", "--preset", "test-ae-16px-4x4",
+                          "--max-minutes", "1.5"])
+    assert mod.TrainConfig is TrainConfig
+    assert (cfg.steps, cfg.amp, cfg.preset, cfg.max_minutes, cfg.resume) == (5, False, "test-ae-16px-4x4", 1.5, False)
+    with pytest.raises(SystemExit):
+        cli.parse(["nonsense"])
+
+
+def _ddp_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    res = main(dataclasses.replace(BASE, out_dir=out_dir, steps=3, eval_images=8))
+    save_file(res["model"].state_dict(), f"{out_dir}/rank{rank}.safetensors")
+
+
+def test_ddp_gloo_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = tmp_path / "ddp"
+    out.mkdir()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    for k, v in w0.items():  # gradients were averaged: both ranks hold the same weights
+        assert torch.equal(v, w1[k]), k
+    ckpt = T.latest_checkpoint(tmp_path / "ddp")
+    assert T.load_state(ckpt)["step"] == 3 and len(T.load_state(ckpt)["rng"]) == 2
+    initial = Tokenizer("test-ae-16px-4x4")
+    assert not torch.equal(weights(ckpt)["decoder.conv_out.conv.bias"], initial.decoder.conv_out.conv.bias.detach())
