@@ -111,7 +111,7 @@ def main_job(out_dir: str = "runs/main") -> dict:
 
 # the tiny tokenizer of the main job: about 10 minutes on 2 CPU cores
 MAIN_JOB_TOKENIZER = dict(preset="tiny-ae-32px-8x8", dataset="fashion-mnist", steps=1500, batch_size=32, lr=4e-4,
-                          ema_decay=0.999, max_minutes=10.0, image_every=250, ckpt_every=250)
+                          ema_decay=0.995, max_minutes=10.0, image_every=250, ckpt_every=250)
 
 
 def main(argv: list[str] | None = None):

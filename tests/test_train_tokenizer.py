@@ -153,3 +153,33 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert T.load_state(ckpt)["step"] == 3 and len(T.load_state(ckpt)["rng"]) == 2
     initial = Tokenizer("test-ae-16px-4x4")
     assert not torch.equal(weights(ckpt)["decoder.conv_out.conv.bias"], initial.decoder.conv_out.conv.bias.detach())
+
+
+def lpips_weight_file(path):
+    """Random weights in the torchvision VGG16 + lpips layout (the real ones cannot be downloaded here)."""
+    from nvg.lpips import LPIPS
+
+    torch.manual_seed(0)
+    m = LPIPS()
+    sd = {k: v for k, v in m.state_dict().items() if k.startswith("features.")}
+    sd.update({f"lin{i}.model.1.weight": m.lins[i].weight.abs() for i in range(5)})
+    torch.save(sd, path)
+    return str(path)
+
+
+def test_lpips_from_user_weights(tmp_path):
+    from nvg.lpips import LPIPS
+
+    spec = lpips_weight_file(tmp_path / "lpips.pth")
+    lp = LPIPS.from_file(spec)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    assert torch.allclose(lp(x, x), torch.zeros(2), atol=1e-6)
+    assert (lp(x, y) > 0).all()
+    bad = torch.load(spec)
+    bad.pop("lin3.model.1.weight")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(KeyError, match="lin|lins.3"):
+        LPIPS.from_file(str(tmp_path / "bad.pth"))
+    res = run(tmp_path, "lp", steps=2, lpips_weights=spec, disc="none")  # the training loss accepts it
+    assert res["steps"] == 2
