@@ -59,10 +59,17 @@ def rope_matrices(ids_BLA: Tensor, axes_dim: list[int], theta: float = 10_000.0)
 
 
 def apply_rope(x_BHLD: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2m], x[2m+1]) of every head by `freqs` (a complex product in float32);
-    returns x's dtype. Equals FLUX's (cos x0 - sin x1, sin x0 + cos x1)."""
-    x = torch.view_as_complex(x_BHLD.float().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(x * freqs).flatten(-2).type_as(x_BHLD)
+    """Rotate interleaved pairs (x[2m], x[2m+1]) of every head in float32: (cos x0 - sin x1, sin x0 + cos x1) as in FLUX.
+
+    `freqs` is complex (B, 1, L, D/2) (one complex product, fastest in eager mode) or its real view (B, 1, L, D/2, 2)
+    = (cos, sin) (friendlier to torch.compile). Returns x's dtype.
+    """
+    if freqs.is_complex():
+        x = torch.view_as_complex(x_BHLD.float().unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(x * freqs).flatten(-2).type_as(x_BHLD)
+    x = x_BHLD.float().unflatten(-1, (-1, 2))
+    x0, x1, cos, sin = x[..., 0], x[..., 1], freqs[..., 0], freqs[..., 1]
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], -1).flatten(-2).type_as(x_BHLD)
 
 
 def timestep_embedding(t: Tensor, dim: int = 64, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:

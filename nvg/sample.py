@@ -128,9 +128,26 @@ class Sampler:
         self._content = model.forward_content
         self._structure = model.forward_structure
         if fast:
-            mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-            self._content = torch.compile(model.forward_content, dynamic=False, mode=mode)
-            self._structure = torch.compile(model.forward_structure, dynamic=False, mode=mode)
+            self._cuda_graphs = next(model.parameters()).is_cuda
+            mode = "reduce-overhead" if self._cuda_graphs else None
+            self._content_c = torch.compile(model.forward_content, dynamic=False, mode=mode)
+            self._structure_c = torch.compile(model.forward_structure, dynamic=False, mode=mode)
+            self._content, self._structure = self._content_fast, self._structure_fast
+
+    # compiled passes: real (cos, sin) rotations instead of complex ones; outputs cloned because CUDA-graph replays
+    # reuse their output buffers
+    def _content_fast(self, canvas, y, stage_B, freqs):
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        x0_hat, _ = self._content_c(canvas, y, stage_B, torch.view_as_real(freqs))
+        return x0_hat.clone(), None
+
+    def _structure_fast(self, sc, z, t):
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if sc.freqs.is_complex():
+            sc.freqs = torch.view_as_real(sc.freqs).contiguous()
+        return self._structure_c(sc, z, t).clone()
 
     # -------------------------------------------------------------------------------------------------- one stage
     def content_stage(self, canvas_BNC, labels_BN, y_B, stage, scale, use_cfg):

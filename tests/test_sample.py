@@ -1,5 +1,7 @@
 """Sampler: official chaining (depth-2 reference, argmax), schedules, filtering, CFG identity, seeds."""
 
+import os
+
 import pytest
 import torch
 
@@ -123,3 +125,16 @@ def test_bad_inputs():
         SampleConfig(temperature=0)
     with pytest.raises(ValueError, match="eps_BNK"):
         s.generate(torch.tensor([1]), seed=0, eps_BNK=torch.zeros(1, 3, 3))
+
+
+# torch.compile of the two passes costs 20-140 s on a 2-core CPU: run by default on a GPU, on a CPU with NVG_TEST_COMPILE=1
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("NVG_TEST_COMPILE") != "1",
+                    reason="compiling costs minutes on CPU; set NVG_TEST_COMPILE=1 (passes on CPU, 140 s)")
+def test_fast_path_gives_the_same_tokens():
+    s = tiny_sampler()
+    fast = Sampler(s.model, s.quantizer, fast=True)
+    sc = SampleConfig(top_k=1, structure_steps=2)
+    a = s.generate(torch.tensor([1, 2]), sc, seed=4)
+    b = fast.generate(torch.tensor([1, 2]), sc, seed=4)
+    assert torch.equal(a.tokens_cat(), b.tokens_cat()) and torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(a.f_hat, b.f_hat, atol=1e-5, rtol=1e-5)
