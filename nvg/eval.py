@@ -112,7 +112,11 @@ class FeatureNet:
 
     @torch.inference_mode()
     def __call__(self, source, batch_size: int = 100) -> torch.Tensor:
-        return torch.cat([self.fn(x.to(self.device)).float().cpu() for x in batches(source, batch_size)])
+        from tqdm.auto import tqdm
+
+        total = -(-len(source) // batch_size)
+        bar = tqdm(batches(source, batch_size), total=total, desc=self.key, leave=False, disable=None)  # TTY only
+        return torch.cat([self.fn(x.to(self.device)).float().cpu() for x in bar])
 
 
 def proxy_net(device="cpu") -> tuple[FeatureNet, torch.nn.Module]:
@@ -135,6 +139,9 @@ def _atomic_save_npz(path: str, **arrays) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -434,12 +441,16 @@ def main(argv: list[str] | None = None) -> None:
         a = p.parse_args(argv[1:])
         if a.fid and not inception_available():
             p.error(f"--fid needs the Inception weights: {INSTALL_HINT}")
-        tok = load_tokenizer_checkpoint(a.ckpt, a.raw, a.device)
-        ds = load_dataset(a.dataset, a.split, tok.cfg.image_size)
-        res = evaluate_tokenizer(tok, ds, a.n, a.batch_size, a.fid, a.device)
+        try:
+            tok = load_tokenizer_checkpoint(a.ckpt, a.raw, a.device)
+            ds = load_dataset(a.dataset, a.split, tok.cfg.image_size)
+            res = evaluate_tokenizer(tok, ds, a.n, a.batch_size, a.fid, a.device)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
         print(f"tokenizer {a.ckpt} on {a.dataset} {a.split}\n\n{format_tokenizer(res)}")
     else:
-        p = argparse.ArgumentParser(prog="python -m nvg.eval", description=__doc__.splitlines()[0])
+        p = argparse.ArgumentParser(prog="python -m nvg.eval", description="Evaluate generated images (FD-proxy, "
+                                    "precision/recall, class accuracy, FID with --fid) against a reference set")
         p.add_argument("--samples", required=True, help=".npz (images [N,H,W,3] uint8, optional labels) or folder")
         p.add_argument("--reference", default="fashion-mnist", help=f"one of {DATASET_NAMES}, a folder or a .npz")
         p.add_argument("--n", type=int, help="use the first n samples (default: all)")
@@ -451,9 +462,12 @@ def main(argv: list[str] | None = None) -> None:
         a = p.parse_args(argv)
         if a.fid and not inception_available():
             p.error(f"--fid needs the Inception weights: {INSTALL_HINT}")
-        images, labels = load_images(a.samples)
-        res = evaluate_samples(images, labels, a.reference, a.fid, a.n, a.classes, a.ref_n, a.cache_dir,
-                               a.batch_size, a.device, a.k)
+        try:
+            images, labels = load_images(a.samples)
+            res = evaluate_samples(images, labels, a.reference, a.fid, a.n, a.classes, a.ref_n, a.cache_dir,
+                                   a.batch_size, a.device, a.k)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
         print(f"samples {a.samples} against {a.reference}\n\n{format_rows(res)}")
     if a.json:
         _write_json(a.json, res)
