@@ -52,6 +52,7 @@ class TrainConfig:
     resume: bool = False
     device: str | None = None  # "cpu" / "cuda"; default cuda when available
     amp: bool = True  # bf16 autocast (GPU only)
+    threads: int | None = None  # torch CPU threads (default: torch's choice); 1 is fastest on a busy machine
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall-clock time
     stop_after: int | None = None  # stop (with a checkpoint) after this step, as if killed: resume tests
 
@@ -115,6 +116,8 @@ def main(cfg: TrainConfig) -> dict:
     from .data import load_dataset
 
     _validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     d = T.init_distributed(cfg.device)
     dev = d.device
     out = Path(cfg.out_dir)
@@ -165,7 +168,7 @@ def main(cfg: TrainConfig) -> dict:
     fixed_x = fixed_x.to(dev)
     K1, V = model.num_stages, tok_cfg.codebook_size
     hits = torch.zeros(K1, V, dtype=torch.bool, device=dev)
-    start_step, t0 = step, time.time()
+    start_step, t0, cpu0 = step, time.time(), time.process_time()
     bar = T.progress(cfg.steps, step, d.is_main, desc="tokenizer")
     stop_reason = None
 
@@ -227,8 +230,12 @@ def main(cfg: TrainConfig) -> dict:
                             ibq=int(epoch < cfg.ibq_epochs), refresh=False)
             hits.zero_()
         bar.update(1)
-        if cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes:
-            stop_reason = f"time budget of {cfg.max_minutes} min reached"
+        if cfg.max_minutes is not None:
+            over = torch.tensor(float(time.time() - t0 > 60 * cfg.max_minutes), device=dev)
+            if d.world_size > 1:  # every rank stops at the same step
+                torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+            if over.item():
+                stop_reason = f"time budget of {cfg.max_minutes} min reached"
         if cfg.stop_after is not None and step >= cfg.stop_after:
             stop_reason = f"stop_after={cfg.stop_after}"
         if d.is_main and (step % cfg.image_every == 0 or step == cfg.steps or stop_reason):
@@ -241,7 +248,8 @@ def main(cfg: TrainConfig) -> dict:
             break
     bar.close()
     elapsed = time.time() - t0
-    result = {"steps": step, "steps_this_run": step - start_step, "seconds": elapsed, "stopped": stop_reason}
+    result = {"steps": step, "steps_this_run": step - start_step, "seconds": elapsed, "stopped": stop_reason,
+              "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads()}
     if d.is_main and not (stop_reason or "").startswith("stop_after"):  # a simulated kill skips the evaluation
         result["val_raw"] = evaluate(model, val_set, cfg.eval_images, 64, dev)
         with ema.applied(model):

@@ -240,6 +240,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, con
     _atomic_write_text(run_dir / "latest", final.name + "\n")
     for old in sorted(run_dir.glob("ckpt-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in run_dir.glob(".tmp-ckpt-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
