@@ -22,16 +22,17 @@ from torch import Tensor
 def rope_axes(head_dim: int, K: int) -> list[int]:
     """Rotary dims per id axis: [type] + [2] * K structure channels + [row, col].
 
-    For head_dim 64 and K = 8 (16x16 latent) this is the official [8, 2 x 8, 20, 20]. For other K the structure and
-    grid axes keep their widths (2 per structure channel, 20 per grid axis, scaled by head_dim / 64) and the type axis
-    takes what is left, e.g. K = 6 (8x8 latent): [12, 2 x 6, 20, 20].
+    For head_dim 64 and K = 8 (16x16 latent) this is the official [8, 2 x 8, 20, 20]. Generalisation: each structure
+    channel keeps 2 dims; each grid axis gets 20 * head_dim / 64 dims (even), reduced if needed so the type axis keeps
+    at least 2; the type axis takes the rest. E.g. K = 6 (8x8 latent): [12, 2 x 6, 20, 20]; head_dim 32, K = 6:
+    [4, 2 x 6, 8, 8].
     """
-    grid = 20 * head_dim // 64
+    grid = min(20 * head_dim // 64, (head_dim - 2 * K - 2) // 2)
     grid -= grid % 2
     type_dim = head_dim - 2 * K - 2 * grid
-    if type_dim < 2 or type_dim % 2:
-        raise ValueError(f"head_dim {head_dim} leaves {type_dim} rotary dims for the token type with K={K} structure "
-                         "channels; need an even number >= 2")
+    if grid < 2 or type_dim < 2 or type_dim % 2:
+        raise ValueError(f"head_dim {head_dim} is too small for RoPE over {K} structure channels + a 2-D grid "
+                         f"(needs >= {2 * K + 6})")
     return [type_dim] + [2] * K + [grid, grid]
 
 

@@ -34,8 +34,9 @@ class TrainConfig:
 
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
     preset: str = "nvg-tiny"  # generator preset; latent size, channels, vocabulary and classes come from the data
-    depth: int | None = None  # override the preset's depth / width
+    depth: int | None = None  # override the preset's depth / width / head_dim
     width: int | None = None
+    head_dim: int | None = None
     dataset: str = "fashion-mnist"
     max_images: int | None = None  # train on the first n images only (quick experiments, tests)
     out_dir: str = "runs/generator"
@@ -142,7 +143,7 @@ def main(cfg: TrainConfig) -> dict:
         train_set = torch.utils.data.Subset(train_set, range(min(cfg.max_images, len(train_set))))
     overrides = dict(latent_hw=(tcfg.latent_size,) * 2, latent_dim=tcfg.latent_channels,
                      vocab_size=tcfg.codebook_size, num_classes=num_classes)
-    overrides.update({k: getattr(cfg, k) for k in ("depth", "width") if getattr(cfg, k) is not None})
+    overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim") if getattr(cfg, k) is not None})
     if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
         overrides["width"] = 64 * cfg.depth
 

@@ -81,8 +81,9 @@ def test_rope_axes_generalise():
     assert rope_axes(64, 8) == [8] + [2] * 8 + [20, 20]
     assert rope_axes(64, 6) == [12] + [2] * 6 + [20, 20]
     assert sum(rope_axes(64, 4)) == 64
-    with pytest.raises(ValueError):
-        rope_axes(64, 12)
+    assert rope_axes(32, 6) == [4] + [2] * 6 + [8, 8]
+    with pytest.raises(ValueError, match="too small"):
+        rope_axes(64, 30)
 
 
 EXPECTED_COUNTS = {12: (108421408, 27469064), 16: (255183904, 64369672), 20: (496602912, 124972808),
