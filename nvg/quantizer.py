@@ -40,7 +40,7 @@ class VGS:
         return torch.stack([t.gather(1, self.labels[:, i]) for i, t in enumerate(self.tokens)], 1)
 
     def tokens_cat(self) -> Tensor:
-        """All stages' cluster tokens concatenated: long [B, 2**(K+1) - 1]; stage i occupies [2**i - 1, 2**(i+1) - 1)."""
+        """All stages' cluster tokens concatenated: long [B, 2**(K+1) - 1]; stage i at [2**i - 1, 2**(i+1) - 1)."""
         return torch.cat(self.tokens, 1)
 
     def to(self, device) -> VGS:

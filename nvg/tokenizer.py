@@ -44,7 +44,8 @@ class TokenizerConfig:
         ratio = self.image_size / self.latent_size
         down = math.log2(ratio) if ratio >= 1 else -1
         if down != int(down) or down < 0:
-            raise ValueError(f"image_size / latent_size must be a power of two, got {self.image_size}/{self.latent_size}")
+            raise ValueError(f"image_size / latent_size must be a power of two, "
+                             f"got {self.image_size}/{self.latent_size}")
         if int(down) > len(self.channel_mult) - 1:
             raise ValueError(f"downsampling x{int(ratio)} needs at least {int(down) + 1} channel_mult levels, "
                              f"got {len(self.channel_mult)}")

@@ -180,7 +180,8 @@ class ResumableBatches:
                  shuffle: bool = True):
         if n < batch_size * world_size:
             raise ValueError(f"dataset of {n} items is smaller than one global batch ({batch_size} x {world_size})")
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world_size, shuffle
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world_size
         self.batches_per_epoch = n // (batch_size * world_size)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
