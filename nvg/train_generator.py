@@ -30,7 +30,7 @@ from .tokenizer import Tokenizer
 @dataclass
 class TrainConfig:
     """Defaults are the main job's tiny CPU run (`python -m nvg.train`); the official ImageNet recipe is
-    `--preset nvg-d16 --lr` unset (1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes` unset."""
+    `--preset nvg-d16 --lr 0` (= 1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes 0`."""
 
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
     preset: str = "nvg-tiny"  # generator preset; latent size, channels, vocabulary and classes come from the data
@@ -42,7 +42,7 @@ class TrainConfig:
     out_dir: str = "runs/generator"
     steps: int = 2000
     batch_size: int = 16  # per process
-    lr: float | None = 1e-3  # peak LR; None = 1e-4 x global batch / 256 (official scaling)
+    lr: float | None = 1e-3  # peak LR; None or 0 = 1e-4 x global batch / 256 (official scaling)
     schedule: str = "wsd"  # warm-up, constant, linear decay to final_lr_ratio from decay_start x steps
     warmup_steps: int = 50  # official: 1000
     decay_start: float = 0.8
@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     device: str | None = None
-    max_minutes: float | None = 4.0  # stop (with a checkpoint) after this wall-clock time; main job: 4 min
+    max_minutes: float | None = 4.0  # stop (with a checkpoint) after this wall-clock time (None or 0 = no limit)
     stop_after: int | None = None  # stop as if killed after this step (resume tests)
 
 
@@ -165,7 +165,7 @@ def main(cfg: TrainConfig) -> dict:
     T.seed_everything(cfg.seed)
     model = NVGGenerator(gcfg).to(dev)
     global_batch = cfg.batch_size * d.world_size
-    peak_lr = cfg.lr if cfg.lr is not None else 1e-4 * global_batch / 256
+    peak_lr = cfg.lr if cfg.lr else 1e-4 * global_batch / 256
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
     ema = T.EMA(model, cfg.ema_decay)
     config = {"kind": "generator", "model": dataclasses.asdict(gcfg), "tokenizer": tok_ckpt,
@@ -233,7 +233,7 @@ def main(cfg: TrainConfig) -> dict:
             acc = sum(v for k, v in terms.items() if k.startswith("acc_")) / gcfg.num_stages
             bar.set_postfix(loss=f"{terms['loss']:.3f}", ce=f"{ce:.2f}", acc=f"{acc:.2f}", refresh=False)
         bar.update(1)
-        if cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes:
+        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
             stop_reason = f"time budget of {cfg.max_minutes} min reached"
         if cfg.stop_after is not None and step >= cfg.stop_after:
             stop_reason = f"stop_after={cfg.stop_after}"
