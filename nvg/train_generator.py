@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     device: str | None = None
-    max_minutes: float | None = 4.0  # stop (with a checkpoint) after this wall-clock time (None or 0 = no limit)
+    max_minutes: float | None = 3.5  # stop (with a checkpoint) after this wall-clock time (None or 0 = no limit)
     stop_after: int | None = None  # stop as if killed after this step (resume tests)
 
 

@@ -142,3 +142,16 @@ def test_bad_inputs_raise_clear_errors():
         model(canvas[:, :3], labels, y)
     with pytest.raises(ValueError, match="unknown generator preset"):
         GeneratorConfig.from_name("nvg-d99")
+
+
+def test_repa_projector_and_loss():
+    cfg = GeneratorConfig.from_name("nvg-test", repa_dim=16, repa_depth=1)
+    model = NVGGenerator(cfg)
+    canvas, labels, tokens, y, f_hat = _tiny_batch(cfg)
+    out = model(canvas, labels, y)
+    assert out["repa_projected"].shape == (2, cfg.num_stages, cfg.num_positions, 16)
+    target = torch.randn(2, cfg.num_positions, 16)
+    loss, terms = generator_loss(out, f_hat, tokens, repa_target=target)
+    loss.backward()
+    assert model.projector[0].weight.grad is not None and "repa_0" in terms
+    assert model.param_counts() == NVGGenerator(GeneratorConfig.from_name("nvg-test")).param_counts()
