@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     ap.add_argument("--fast", action="store_true", help="torch.compile the transformer passes (same outputs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-bf16", action="store_true", help="fp32 on a GPU (default there: bf16 autocast, as official)")
     ap.add_argument("--structure-from", nargs="+", default=None, help="reference image(s): reuse their label maps")
     ap.add_argument("--structure-map", default=None, help=".npy nested label maps or a mask image")
     ap.add_argument("--structure-stages", type=int, default=3, help="stages of reference structure to keep")
@@ -159,20 +160,22 @@ def main(argv: list[str] | None = None) -> dict:
         refs = refs[torch.arange(len(y_all)) % len(refs)]
     maps = read_structure(a.structure_map, model.cfg.latent_hw) if a.structure_map else None
     images, seqs = [], []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device.startswith("cuda") and not a.no_bf16)
     for s in range(0, len(y_all), a.batch_size):
         y = y_all[s:s + a.batch_size].to(a.device)
         seed = a.seed + s // a.batch_size
-        if a.regenerate_from:
-            vgs = control.regenerate(sampler, tok, refs[s:s + a.batch_size], a.keep_stages, y,
-                                     a.keep_structure_only, sc, seed)
-        elif a.structure_from:
-            vgs = control.structure_transfer(sampler, tok, refs[s:s + a.batch_size], y, a.structure_stages, sc, seed)
-        elif maps is not None:
-            m = maps if maps.shape[0] == 1 else maps[torch.arange(s, s + len(y)) % maps.shape[0]]
-            vgs = control.structure_guided(sampler, y, m, sc, seed)
-        else:
-            vgs = sampler.generate(y, sc, seed=seed)
-        images.append(tok.decode(vgs.f_hat).cpu())
+        batch_refs = refs[s:s + a.batch_size].to(a.device) if refs is not None else None
+        with amp:
+            if a.regenerate_from:
+                vgs = control.regenerate(sampler, tok, batch_refs, a.keep_stages, y, a.keep_structure_only, sc, seed)
+            elif a.structure_from:
+                vgs = control.structure_transfer(sampler, tok, batch_refs, y, a.structure_stages, sc, seed)
+            elif maps is not None:
+                m = maps if maps.shape[0] == 1 else maps[torch.arange(s, s + len(y)) % maps.shape[0]]
+                vgs = control.structure_guided(sampler, y, m.to(a.device), sc, seed)
+            else:
+                vgs = sampler.generate(y, sc, seed=seed)
+        images.append(tok.decode(vgs.f_hat.float()).float().cpu())
         seqs.append(vgs)
     images = torch.cat(images)
     out = Path(a.out)
