@@ -1,7 +1,8 @@
 """Train the NVG tokenizer: `python -m nvg.train tokenizer --preset tiny-ae-32px-8x8 --steps 2000`.
 
 Loss (spec §2.3): L1 + vq_loss (per-stage, mean over stages) + lpips_weight * LPIPS (only with user-supplied weights)
-+ disc_weight * non-saturating adversarial loss (PatchGAN from scratch by default; none with --disc none).
++ disc_weight * non-saturating adversarial loss (PatchGAN from scratch by default; the official DINO discriminator
+with DiffAug and LeCAM via --disc dino --dino-weights FILE; none with --disc none).
 IBQ codebook warm-up during the first `ibq_epochs` epochs (official: 1). AdamW (0.9, 0.95), gradient clip 1, EMA.
 Writes checkpoints, a reconstruction grid and a per-stage strip under out_dir; `--resume` continues exactly.
 """
@@ -40,7 +41,9 @@ class TrainConfig:
     vq_weight: float = 1.0
     lpips_weight: float = 1.0  # used only when lpips_weights is given
     lpips_weights: str | None = None  # file with VGG16 + LPIPS linear-layer weights (see nvg.lpips)
-    disc: str = "patch"  # "patch" (from scratch) or "none"
+    disc: str = "patch"  # "patch" (from scratch), "dino" (official; needs dino_weights) or "none"
+    dino_weights: str | None = None  # DINO ViT-S/16 state dict (dino_deitsmall16_pretrain.pth) for --disc dino
+    lecam_weight: float = 0.001  # LeCAM regulariser of the DINO discriminator (official)
     disc_weight: float = 0.1  # official gen_loss_weight
     disc_start: int = 0  # step at which the adversarial loss starts (official: 0)
     disc_channels: int = 32
@@ -61,9 +64,10 @@ TokenizerTrainConfig = TrainConfig
 
 
 def _validate(cfg: TrainConfig) -> None:
-    if cfg.disc not in ("patch", "none"):
-        raise ValueError(f"--disc must be 'patch' or 'none', got {cfg.disc!r} (the DINO discriminator is not "
-                         "implemented in this version)")
+    if cfg.disc not in ("patch", "dino", "none"):
+        raise ValueError(f"--disc must be 'patch', 'dino' or 'none', got {cfg.disc!r}")
+    if cfg.disc == "dino" and not cfg.dino_weights:
+        raise ValueError("--disc dino needs --dino-weights (a DINO ViT-S/16 state dict; nothing is downloaded)")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
 
@@ -127,9 +131,16 @@ def main(cfg: TrainConfig) -> dict:
 
     T.seed_everything(cfg.seed)  # same initial weights on every rank
     model = Tokenizer(tok_cfg).to(dev)
-    disc = PatchDiscriminator(tok_cfg.in_channels, cfg.disc_channels).to(dev) if cfg.disc == "patch" else None
+    disc, lecam, augment = None, None, (lambda t: t)
+    if cfg.disc == "patch":
+        disc = PatchDiscriminator(tok_cfg.in_channels, cfg.disc_channels).to(dev)
+    elif cfg.disc == "dino":
+        from .dino_disc import DinoDiscriminator, LeCAM, diff_augment
+
+        disc, lecam, augment = DinoDiscriminator.from_file(cfg.dino_weights).to(dev), LeCAM(), diff_augment
+    d_params = [p for p in disc.parameters() if p.requires_grad] if disc else []
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=5e-4) if disc else None
+    opt_d = torch.optim.AdamW(d_params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=5e-4) if disc else None
     ema = T.EMA(model, cfg.ema_decay)
     lpips = None
     if cfg.lpips_weights:
@@ -153,8 +164,12 @@ def main(cfg: TrainConfig) -> dict:
         if disc is not None:
             if "disc" not in state:
                 raise ValueError(f"{ckpt} was trained without a discriminator; resume with --disc none")
-            disc.load_state_dict(state["disc"])
+            missing, unexpected = disc.load_state_dict(state["disc"], strict=False)
+            if unexpected or any(not k.startswith("dino.") for k in missing):
+                raise ValueError(f"{ckpt}: discriminator state does not match --disc {cfg.disc}")
             opt_d.load_state_dict(state["disc_optimizer"])
+            if lecam is not None:
+                lecam.load_state_dict(state["lecam"])
         ema.load_state_dict(T.load_weights(ckpt, ema=True))
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         T.set_rng_state(state["rng"][d.rank] if isinstance(state["rng"], list) else state["rng"])
@@ -182,7 +197,10 @@ def main(cfg: TrainConfig) -> dict:
             return
         state = {"optimizer": opt.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": b, "rng": rng}
         if disc is not None:
-            state.update(disc=disc.state_dict(), disc_optimizer=opt_d.state_dict())
+            trainable = {k: v for k, v in disc.state_dict().items() if not k.startswith("dino.")}  # not the frozen ViT
+            state.update(disc=trainable, disc_optimizer=opt_d.state_dict())
+            if lecam is not None:
+                state["lecam"] = lecam.state_dict()
         T.save_checkpoint(out, step, model, config, state, ema)
 
     model.train()
@@ -202,9 +220,11 @@ def main(cfg: TrainConfig) -> dict:
             if lpips is not None:
                 loss = loss + cfg.lpips_weight * lpips(rec, x).mean()
             if use_disc:
-                disc.requires_grad_(False)  # the generator loss must not touch D's gradients (or DDP hooks)
-                g_loss = generator_loss(disc(rec))
-                disc.requires_grad_(True)
+                for p in d_params:  # the generator loss must not touch D's gradients (or DDP hooks)
+                    p.requires_grad_(False)
+                g_loss = generator_loss(disc(augment(rec)))
+                for p in d_params:
+                    p.requires_grad_(True)
                 loss = loss + cfg.disc_weight * g_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
@@ -216,11 +236,13 @@ def main(cfg: TrainConfig) -> dict:
         if use_disc:
             T.set_lr(opt_d, lr)
             with T.autocast(dev, cfg.amp):
-                logits = net_d(torch.cat([x, rec.detach()])).float()
+                logits = net_d(augment(torch.cat([x, rec.detach()]))).float()
                 d_loss = hinge_d_loss(*logits.chunk(2))
+                if lecam is not None:
+                    d_loss = d_loss + cfg.lecam_weight * lecam(*logits.chunk(2))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(d_params, cfg.grad_clip)
             opt_d.step()
         step += 1
         hits |= _tokens_hit(info, K1, V, dev)

@@ -239,3 +239,36 @@ def test_tiny_preset_quality_guard(tmp_path):
     res = main(cfg)
     assert res["val_raw"]["psnr"] > 17.0, res["val_raw"]
     assert (tmp_path / "tiny" / "stages_ema.png").exists() and (tmp_path / "tiny" / "recon_ema.png").exists()
+
+
+def test_dino_discriminator_from_user_weights(tmp_path):
+    from nvg.dino_disc import DinoDiscriminator, FrozenViT, diff_augment
+
+    torch.manual_seed(0)
+    vit = FrozenViT(depth=3, key_depths=(2,))  # a truncated random ViT-S/16 in the DINO key layout
+    path = tmp_path / "dino.pth"
+    torch.save({k: v.normal_(0, 0.02) if v.dim() > 1 else v for k, v in vit.state_dict().items()}, path)
+    d = DinoDiscriminator.from_file(str(path))
+    assert len(d.heads) == 2 and not any(p.requires_grad for p in d.dino.parameters())
+    qkv_bias = d.dino.blocks[0].attn.qkv.bias
+    assert qkv_bias[384:768].abs().sum() == 0  # k-bias zeroed as official
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    logits = d(diff_augment(x))
+    assert logits.shape == (2, 2 * 196)
+    logits.mean().backward()
+    assert x.grad.abs().sum() > 0 and d.heads[0][0][0].parametrizations.weight.original.grad is not None
+    bad = torch.load(path)
+    bad.pop("pos_embed")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(KeyError, match="pos_embed"):
+        DinoDiscriminator.from_file(str(tmp_path / "bad.pth"))
+    with pytest.raises(ValueError, match="dino-weights"):
+        run(tmp_path, "x", disc="dino")
+    # two training steps with it, a stop, and an exact resume (heads, LeCAM state and optimizer are checkpointed)
+    kw = dict(disc="dino", dino_weights=str(path), batch_size=2, steps=2, preset="test-ae-16px-4x4")
+    run(tmp_path, "a", **kw)
+    run(tmp_path, "b", stop_after=1, **kw)
+    run(tmp_path, "b", resume=True, **kw)
+    wa, wb = weights(T.latest_checkpoint(tmp_path / "a")), weights(T.latest_checkpoint(tmp_path / "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "lecam" in T.load_state(T.latest_checkpoint(tmp_path / "b"))
