@@ -53,6 +53,7 @@ class TrainConfig:
     null_class_prob: float = 0.1  # classifier-free guidance training
     cache_tokens: bool = True  # encode the dataset once (exact for datasets without random augmentation)
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 under torchrun (d20 / d24)
     amp: bool = True  # bf16 autocast (GPU only)
     sample_every: int = 250
     samples_per_class: int = 8
@@ -127,6 +128,70 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+# ---------------------------------------------------------------------------------------------- FSDP2-aware helpers
+def shard(model: NVGGenerator) -> None:
+    """FSDP2: shard every transformer block, then the rest (embeddings, heads) at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in list(model.content_blocks) + list(model.structure_blocks):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _full(v):
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def full_weights(model: NVGGenerator, fsdp: bool) -> dict:
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, opt, fsdp: bool) -> dict:
+    if not fsdp:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer(model, opt, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+class _Weights:
+    """A state_dict holder that `trainer.save_checkpoint` can save like a module."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def state_dict(self) -> dict:
+        return self.sd
+
+
+@torch.no_grad()
+def ema_update(ema: T.EMA, model: NVGGenerator) -> None:
+    """EMA step; sharded parameters are gathered first (a collective: every rank calls it)."""
+    for k, v in model.state_dict().items():
+        if k in ema.shadow:
+            ema.shadow[k].lerp_(_full(v).float(), 1 - ema.decay)
+
+
+def ema_model(gcfg: GeneratorConfig, ema: T.EMA, device) -> NVGGenerator:
+    """A plain (unsharded) generator holding the EMA weights, for sample grids."""
+    m = NVGGenerator(gcfg).to(device)
+    m.load_state_dict({**m.state_dict(), **{k: v.to(device) for k, v in ema.state_dict().items()}})
+    return m.eval()
+
+
 def main(cfg: TrainConfig) -> dict:
     from .data import load_dataset
 
@@ -169,8 +234,8 @@ def main(cfg: TrainConfig) -> dict:
     model = NVGGenerator(gcfg).to(dev)
     global_batch = cfg.batch_size * d.world_size
     peak_lr = cfg.lr if cfg.lr else 1e-4 * global_batch / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
-    ema = T.EMA(model, cfg.ema_decay)
+    ema = T.EMA(model, cfg.ema_decay)  # a full fp32 copy on every rank, also under FSDP
+    fsdp = cfg.fsdp and d.world_size > 1
     config = {"kind": "generator", "model": dataclasses.asdict(gcfg), "tokenizer": tok_ckpt,
               "class_names": class_names, "train": dataclasses.asdict(cfg)}
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -178,12 +243,16 @@ def main(cfg: TrainConfig) -> dict:
         model.load_state_dict(T.load_weights(ckpt))
         ema.load_state_dict(T.load_weights(ckpt, ema=True))
         state = T.load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
+    if fsdp:
+        shard(model)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
+    if ckpt is not None:
+        load_optimizer(model, opt, state["optimizer"], fsdp)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         T.set_rng_state(state["rng"][d.rank] if isinstance(state["rng"], list) else state["rng"])
     else:
         T.seed_everything(cfg.seed + 1000 * d.rank)
-    net = DDP(model) if d.world_size > 1 else model
+    net = DDP(model) if d.world_size > 1 and not fsdp else model
     if cfg.compile:
         net = torch.compile(net)
     batches = T.ResumableBatches(len(train_set), cfg.batch_size, cfg.seed, d.rank, d.world_size)
@@ -200,10 +269,11 @@ def main(cfg: TrainConfig) -> dict:
             torch.distributed.all_gather_object(snaps, snap)
         else:
             snaps = [snap]
+        opt_sd, weights = optimizer_state(model, opt, fsdp), full_weights(model, fsdp)  # collectives under FSDP
         if d.is_main:
-            state = {"optimizer": opt.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": b,
+            state = {"optimizer": opt_sd, "step": step, "epoch": epoch, "batch_in_epoch": b,
                      "rng": [s["rng"] for s in snaps], "gen_state": [s["gen_state"] for s in snaps]}
-            T.save_checkpoint(out, step, model, config, state, ema)
+            T.save_checkpoint(out, step, _Weights(weights), config, state, ema)
 
     model.train()
     for epoch, b, idx in batches.iterate(epoch, batch_in_epoch):
@@ -228,7 +298,7 @@ def main(cfg: TrainConfig) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(model)
+        ema_update(ema, model)
         step += 1
         last = terms
         if d.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -243,9 +313,8 @@ def main(cfg: TrainConfig) -> dict:
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_reason:
             save(step, epoch, b + 1)
         if d.is_main and step % cfg.sample_every == 0 and step != cfg.steps and not stop_reason:
-            with ema.applied(model):
-                write_samples(model, tok, num_classes, min(cfg.samples_per_class, 4), cfg.sample_steps, out,
-                              f"{step:06d}")
+            write_samples(ema_model(gcfg, ema, dev), tok, num_classes, min(cfg.samples_per_class, 4),
+                          cfg.sample_steps, out, f"{step:06d}")
         if stop_reason:
             break
     bar.close()
@@ -254,9 +323,8 @@ def main(cfg: TrainConfig) -> dict:
     if d.is_main:
         result["checkpoint"] = str(T.latest_checkpoint(out))
         if not (stop_reason or "").startswith("stop_after"):
-            with ema.applied(model):
-                result["samples"] = str(write_samples(model, tok, num_classes, cfg.samples_per_class,
-                                                      cfg.sample_steps, out, "final"))
+            result["samples"] = str(write_samples(ema_model(gcfg, ema, dev), tok, num_classes,
+                                                  cfg.samples_per_class, cfg.sample_steps, out, "final"))
             (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
             print(f"generator: {step} steps in {result['seconds'] / 60:.1f} min; class-conditional samples (one row "
                   f"per class) in {result['samples']}, per-stage strip in {out / 'stages_final.png'}, checkpoint "

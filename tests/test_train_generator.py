@@ -104,20 +104,36 @@ def test_bad_config(tokenizer_ckpt, tmp_path):
         main(_cfg(str(tmp_path / "nothing"), tmp_path))
 
 
-def test_ddp_gloo_two_processes(tokenizer_ckpt, tmp_path):
-    cfg = dataclasses.asdict(_cfg(tokenizer_ckpt, tmp_path / "ddp", steps=2, batch_size=2))
+def _torchrun(cfg, port, *extra):
     args = []
-    for k, v in cfg.items():
+    for k, v in dataclasses.asdict(cfg).items():
         if v is None or isinstance(v, bool):
             if v:
                 args.append("--" + k.replace("_", "-"))
             continue
         args += ["--" + k.replace("_", "-"), str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "nvg.train", "generator", *args, "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "nvg.train", "generator", *args, "--device", "cpu", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ddp_gloo_two_processes(tokenizer_ckpt, tmp_path):
+    _torchrun(_cfg(tokenizer_ckpt, tmp_path / "ddp", steps=2, batch_size=2), 29533)
     ckpt = T.latest_checkpoint(tmp_path / "ddp")
     assert ckpt is not None and T.load_state(ckpt)["step"] == 2
     assert len(T.load_state(ckpt)["rng"]) == 2
+
+
+def test_fsdp2_gloo_resume_is_exact(tokenizer_ckpt, tmp_path):
+    full = _cfg(tokenizer_ckpt, tmp_path / "full", steps=4, batch_size=2, fsdp=True)
+    _torchrun(full, 29534)
+    _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), stop_after=2), 29535)
+    _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), resume=True), 29536)
+    a, b = (T.latest_checkpoint(tmp_path / n) for n in ("full", "cut"))
+    assert T.load_state(b)["step"] == 4
+    wa, wb = T.load_weights(a), T.load_weights(b)
+    assert set(wa) == set(NVGGenerator(GeneratorConfig(**T.read_config(a)["model"])).state_dict())
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
