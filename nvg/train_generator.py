@@ -51,6 +51,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.99  # official: 0.9999 (hundreds of thousands of steps)
     null_class_prob: float = 0.1  # classifier-free guidance training
+    repa_weights: str | None = None  # DINOv2 ViT-*/14 state_dict file: enables REPA (official: ViT-B/14, weight 0.5)
+    repa_weight: float = 0.5
+    repa_depth: int = 8  # content block whose output is aligned (capped at the depth)
     cache_tokens: bool = True  # encode the dataset once (exact for datasets without random augmentation)
     compile: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 under torchrun (d20 / d24)
@@ -215,6 +218,11 @@ def main(cfg: TrainConfig) -> dict:
     if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
         overrides["width"] = 64 * cfg.depth
 
+    dino = None
+    if cfg.repa_weights:
+        from .dinov2 import DINOv2
+
+        dino = DINOv2.from_file(cfg.repa_weights).to(dev)
     t_enc = time.time()
     cache = encode_dataset(tok, train_set, dev) if cfg.cache_tokens else None
     if d.is_main and cache is not None:
@@ -225,10 +233,16 @@ def main(cfg: TrainConfig) -> dict:
         if saved.get("kind") != "generator":
             raise ValueError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a generator one")
         gcfg = GeneratorConfig(**saved["model"])
+        if (gcfg.repa_dim > 0) != (dino is not None):
+            raise ValueError(f"{ckpt} was trained {'with' if gcfg.repa_dim else 'without'} REPA: resume "
+                             f"{'with' if gcfg.repa_dim else 'without'} --repa-weights")
     else:
         if cache is None:
             raise ValueError("--no-cache-tokens needs a resumed run or --cache-tokens to estimate the canvas scales")
         sf = estimate_scale_factors(tok, cache, dev) if tcfg.latent_size != 16 else None
+        if dino is not None:
+            depth = overrides.get("depth", GeneratorConfig.from_name(cfg.preset).depth)
+            overrides.update(repa_dim=dino.dim, repa_depth=min(cfg.repa_depth, depth))
         gcfg = GeneratorConfig.from_name(cfg.preset, **overrides, scale_factors=sf)
     T.seed_everything(cfg.seed)
     model = NVGGenerator(gcfg).to(dev)
@@ -279,19 +293,25 @@ def main(cfg: TrainConfig) -> dict:
     for epoch, b, idx in batches.iterate(epoch, batch_in_epoch):
         if step >= cfg.steps:
             break
+        x = None
         if cache is not None:
             vgs = vgs_from_tokens(tok, cache["tokens"][idx].to(dev), cache["labels"][idx].to(dev))
             y = cache["y"][idx].to(dev)
         else:
             x, y = T.collate(train_set, idx)
-            vgs, y = tok.encode(x.to(dev)), y.to(dev)
+            x, y = x.to(dev), y.to(dev)
+            vgs = tok.encode(x)
+        repa_target = None
+        if dino is not None:  # DINOv2 patch features of the same images, one patch per latent position
+            x = T.collate(train_set, idx)[0].to(dev) if x is None else x
+            repa_target = dino.patch_features(x, tcfg.latent_size)
         drop = torch.rand(y.shape, generator=gen, device=dev) < cfg.null_class_prob
         y = torch.where(drop, torch.full_like(y, num_classes), y)
         T.set_lr(opt, peak_lr * T.lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.decay_start,
                                             cfg.final_lr_ratio))
         with T.autocast(dev, cfg.amp):
             res = net(vgs.canvas, vgs.labels, y, generator=gen)
-            loss, terms = generator_loss(res, vgs.f_hat, vgs.tokens)
+            loss, terms = generator_loss(res, vgs.f_hat, vgs.tokens, repa_target, cfg.repa_weight)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite generator loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)

@@ -137,3 +137,18 @@ def test_fsdp2_gloo_resume_is_exact(tokenizer_ckpt, tmp_path):
     assert set(wa) == set(NVGGenerator(GeneratorConfig(**T.read_config(a)["model"])).state_dict())
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_repa_with_user_supplied_dinov2(tokenizer_ckpt, tmp_path):
+    from nvg.dinov2 import DINOv2
+
+    torch.manual_seed(0)
+    path = tmp_path / "dino.pt"
+    torch.save(DINOv2(dim=64, depth=2, heads=1, patch=14, pretrain_grid=5).state_dict(), path)
+    res = main(_cfg(tokenizer_ckpt, tmp_path / "run", steps=2, repa_weights=str(path), repa_depth=1))
+    assert "repa_0" in res["last_terms"]
+    saved = T.read_config(res["checkpoint"])["model"]
+    assert saved["repa_dim"] == 64 and saved["repa_depth"] == 1
+    with pytest.raises(KeyError, match="DINOv2"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
+        DINOv2.from_file(str(tmp_path / "bad.pt"))
