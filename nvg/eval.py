@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import DATASET_NAMES, ImageFolderDataset, load_dataset
 from .data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
+from .data.fashion_mnist import EMBEDDED_NPZ
 from .data.folder import IMAGE_EXTENSIONS
 from .fd_proxy import WEIGHTS_PATH, load_proxy_cnn
 from .inception import INSTALL_HINT, InceptionFeatures, inception_available
@@ -165,7 +166,7 @@ class RealSet:
 
     def features(self, net: FeatureNet, count: int, cache_dir: str | None, batch_size: int) -> torch.Tensor:
         """Features [count, D] of the first `count` images. Named datasets cache them (a prefix, extended on demand,
-        with its mean and covariance) in cache_dir/<dataset>_<split>_<size>px_<network>_v<version>.npz."""
+        with its mean and covariance) in cache_dir/<dataset>_<split>_<size>px[_<data hash>]_<network>_v<version>.npz."""
         count = min(count, len(self))
         if self.cache_name is None or cache_dir is None:
             return net(self.part(0, count), batch_size)
@@ -186,8 +187,10 @@ def _dataset_set(name: str, split: str, image_size: int) -> RealSet:
     if name in DATASET_NAMES:
         ds = load_dataset(name, split, image_size)
         cache = f"{name}_{split}_{image_size}px"
+        if name == "fashion-mnist":  # the embedded file's hash: a rebuilt file never reads stale features
+            with open(EMBEDDED_NPZ, "rb") as f:
+                cache += "_" + hashlib.sha1(f.read()).hexdigest()[:8]
     else:  # a folder: always centre crops (deterministic features); never cached
-        load_dataset(name, split, image_size)  # validates the arguments
         ds, cache = ImageFolderDataset(name, split, image_size, random_crop=False), None
     source = getattr(ds, "images", ds)  # in-memory datasets: read the uint8 tensor directly
     return RealSet(source, ds.labels, cache, f"{name} {split}")
