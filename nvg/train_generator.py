@@ -24,6 +24,7 @@ from .model import GeneratorConfig, NVGGenerator, generator_loss
 from .quantizer import VGS
 from .sample import SampleConfig, Sampler
 from .sample_cli import load_tokenizer
+from .sharding import CheckpointWeights, ema_model, ema_update, full_weights, load_optimizer, optimizer_state, shard
 from .tokenizer import Tokenizer
 
 
@@ -131,70 +132,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-# ---------------------------------------------------------------------------------------------- FSDP2-aware helpers
-def shard(model: NVGGenerator) -> None:
-    """FSDP2: shard every transformer block, then the rest (embeddings, heads) at the root."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in list(model.content_blocks) + list(model.structure_blocks):
-        fully_shard(block)
-    fully_shard(model)
-
-
-def _full(v):
-    return v.full_tensor() if hasattr(v, "full_tensor") else v
-
-
-def full_weights(model: NVGGenerator, fsdp: bool) -> dict:
-    if not fsdp:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(model, opt, fsdp: bool) -> dict:
-    if not fsdp:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer(model, opt, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        opt.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
-
-
-class _Weights:
-    """A state_dict holder that `trainer.save_checkpoint` can save like a module."""
-
-    def __init__(self, sd: dict):
-        self.sd = sd
-
-    def state_dict(self) -> dict:
-        return self.sd
-
-
-@torch.no_grad()
-def ema_update(ema: T.EMA, model: NVGGenerator) -> None:
-    """EMA step; sharded parameters are gathered first (a collective: every rank calls it)."""
-    for k, v in model.state_dict().items():
-        if k in ema.shadow:
-            ema.shadow[k].lerp_(_full(v).float(), 1 - ema.decay)
-
-
-def ema_model(gcfg: GeneratorConfig, ema: T.EMA, device) -> NVGGenerator:
-    """A plain (unsharded) generator holding the EMA weights, for sample grids."""
-    m = NVGGenerator(gcfg).to(device)
-    m.load_state_dict({**m.state_dict(), **{k: v.to(device) for k, v in ema.state_dict().items()}})
-    return m.eval()
-
-
 def main(cfg: TrainConfig) -> dict:
     from .data import load_dataset
 
@@ -287,7 +224,7 @@ def main(cfg: TrainConfig) -> dict:
         if d.is_main:
             state = {"optimizer": opt_sd, "step": step, "epoch": epoch, "batch_in_epoch": b,
                      "rng": [s["rng"] for s in snaps], "gen_state": [s["gen_state"] for s in snaps]}
-            T.save_checkpoint(out, step, _Weights(weights), config, state, ema)
+            T.save_checkpoint(out, step, CheckpointWeights(weights), config, state, ema)
 
     model.train()
     for epoch, b, idx in batches.iterate(epoch, batch_in_epoch):
