@@ -1,23 +1,15 @@
 """Multi-granularity quantizer and VGS, checked against the official reference outputs (reference README §b)."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from nvg.quantizer import MultiGranularityQuantizer
 
-# The official outputs live beside the repository (../shared/reference) unless NVG_REFERENCE_DIR says otherwise.
-REF_DIR = Path(os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-
 
 @pytest.fixture(scope="module")
-def ref():
-    path = REF_DIR / "nvg_ref_small.pt"
-    if not path.exists():
-        pytest.skip(f"official reference outputs not found at {path} (set NVG_REFERENCE_DIR)")
-    return torch.load(path, weights_only=False)
+def ref(nvg_reference):
+    return nvg_reference
 
 
 @pytest.fixture(scope="module")

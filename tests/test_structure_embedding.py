@@ -1,21 +1,14 @@
 """Bit-style structure embedding (spec §1.3) against the official `structure_int_to_feat` outputs."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from nvg.structure import labels_from_structure, structure_embedding
 
-REF_DIR = Path(os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
-
-def test_matches_official():
-    path = REF_DIR / "nvg_ref_small.pt"
-    if not path.exists():
-        pytest.skip(f"official reference outputs not found at {path} (set NVG_REFERENCE_DIR)")
-    ref = torch.load(path, weights_only=False)
+def test_matches_official(nvg_reference):
+    ref = nvg_reference
     labels, feat = ref["quant.labels"], ref["struct.feat"]
     for i in range(9):
         emb = structure_embedding(labels[:, i], i, 8)

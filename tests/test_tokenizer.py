@@ -1,7 +1,5 @@
 """Tokenizer (encoder + quantizer + decoder) and the official-checkpoint converter, against official outputs."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +7,6 @@ import torch
 from nvg.convert import load_official_tokenizer
 from nvg.tokenizer import PRESETS, Tokenizer, TokenizerConfig, count_parameters
 
-REF_DIR = Path(os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 SEED = 20250818
 
 
@@ -23,11 +20,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ref():
-    path = REF_DIR / "nvg_ref_small.pt"
-    if not path.exists():
-        pytest.skip(f"official reference outputs not found at {path} (set NVG_REFERENCE_DIR)")
-    return torch.load(path, weights_only=False)
+def ref(nvg_reference):
+    return nvg_reference
 
 
 def small_official_state_dict(ref):
