@@ -128,8 +128,9 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     """Frechet distance between Gaussians N(mu1, s1) and N(mu2, s2), in float64.
 
     Equivalent to |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2)). The last trace is computed without scipy as
-    the sum of the square roots of the eigenvalues of the PSD matrix s1^(1/2) s2 s1^(1/2), which has the same
-    spectrum as s1 s2 (negative round-off eigenvalues are clamped to 0).
+    the sum of the square roots of the eigenvalues of the PSD matrix L^T s2 L, where s1 = L L^T (Cholesky; the
+    symmetric square root of s1 when s1 is singular). It is similar to s1 s2 (L^-1 s1 s2 L = L^T s2 L), so it has
+    the same spectrum; negative round-off eigenvalues are clamped to 0.
     Args:
         mu1, mu2: [D] means; s1, s2: [D,D] covariances (tensors or numpy arrays).
     """
@@ -138,8 +139,10 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"frechet_distance expects means [D] and covariances [D,D] with one D, got "
                          f"{list(mu1.shape)}, {list(s1.shape)}, {list(mu2.shape)}, {list(s2.shape)}")
-    r1 = _sqrt_psd(s1)
-    m = r1 @ s2 @ r1
+    factor, info = torch.linalg.cholesky_ex(s1)
+    if info.item() != 0:  # not positive definite
+        factor = _sqrt_psd(s1)
+    m = factor.T @ s2 @ factor
     tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
 
