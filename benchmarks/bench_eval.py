@@ -32,6 +32,7 @@ def _throughput(benchmark, fn, batch, rounds):
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
     benchmark.extra_info["device"] = DEVICE
     benchmark.extra_info["batch"] = batch
+    benchmark.extra_info["threads"] = torch.get_num_threads()
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 1)
 
