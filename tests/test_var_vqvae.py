@@ -13,6 +13,16 @@ from nvg.baselines.var.vqvae import VQVAE
 # The released code's outputs live beside the repository (../shared/reference) unless NVG_REFERENCE_DIR says otherwise.
 REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread while these tests run (restored after): on a shared 2-core machine, oversubscribed
+    threads make these small CPU workloads several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 
 def read_key_file(name: str) -> dict[str, tuple[int, ...]]:
     shapes = {}
