@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nvg import eval as nvg_eval
+from nvg import eval_tokenizer as nvg_eval_tokenizer
 from nvg.data import load_dataset
 from nvg.fd_proxy import load_proxy_cnn, read_metadata
 from nvg.inception import INSTALL_HINT, InceptionFeatures, inception_available
@@ -205,12 +206,12 @@ class _StandInTokenizer:
 
 
 def test_evaluate_tokenizer_stand_in(val):
-    res = nvg_eval.evaluate_tokenizer(_StandInTokenizer(), val, n=64, batch_size=32)
+    res = nvg_eval_tokenizer.evaluate_tokenizer(_StandInTokenizer(), val, n=64, batch_size=32)
     assert res["n"] == 64 and res["floor_n"] == 64 and len(res["codebook"]) == 4
     assert [u["count"] for u in res["codebook"]] == [64, 128, 256, 512]
     assert 5 < res["psnr"] < 30 and 0 < res["ssim"] < 1
     assert res["rfd_proxy"] > 5 * res["rfd_proxy_floor"] > 0
-    assert "| rFD-proxy (not FID) |" in nvg_eval.format_tokenizer(res)
+    assert "| rFD-proxy (not FID) |" in nvg_eval_tokenizer.format_tokenizer(res)
 
 
 def test_evaluate_tokenizer_real_model_and_cli(val, tmp_path, capsys):
@@ -219,7 +220,7 @@ def test_evaluate_tokenizer_real_model_and_cli(val, tmp_path, capsys):
 
     torch.manual_seed(0)
     tok = Tokenizer("tiny-ae-32px-8x8")
-    res = nvg_eval.evaluate_tokenizer(tok, val, n=16, batch_size=16)
+    res = nvg_eval_tokenizer.evaluate_tokenizer(tok, val, n=16, batch_size=16)
     assert len(res["codebook"]) == tok.num_stages and res["vocab_size"] == 1024
     assert [u["count"] for u in res["codebook"]] == [16 * 2**i for i in range(tok.num_stages)]
     # The CLI loads a checkpoint written by the trainer and prints the same numbers.
