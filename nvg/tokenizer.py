@@ -90,6 +90,10 @@ PRESETS: dict[str, dict] = {
     # encoder level; about 1 CPU-second per training step of 32 images
     "tiny-ae-32px-8x8": dict(image_size=32, latent_size=8, base_channels=16, channel_mult=(1, 2, 4),
                              num_res_blocks=1, latent_channels=16, codebook_size=1024, norm_groups=8),
+    # the main job's tokenizer: the same network with a 256-code codebook (Fashion-MNIST needs far fewer than 1024
+    # codes; a small vocabulary makes the generator's token classification easier in a few CPU-minutes)
+    "tiny-ae-32px-8x8-v256": dict(image_size=32, latent_size=8, base_channels=16, channel_mult=(1, 2, 4),
+                                  num_res_blocks=1, latent_channels=16, codebook_size=256, norm_groups=8),
     "tiny-ae-32px-16x16": dict(image_size=32, latent_size=16, base_channels=16, channel_mult=(1, 2),
                                num_res_blocks=1, latent_channels=16, codebook_size=1024, norm_groups=8),
     # for tests: 16 px, 4x4 latent (5 stages), about 20k parameters
