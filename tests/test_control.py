@@ -6,7 +6,6 @@ import torch
 import nvg  # noqa: F401
 from nvg import control
 from nvg.model import GeneratorConfig, NVGGenerator
-from nvg.quantizer import MultiGranularityQuantizer
 from nvg.sample import SampleConfig, Sampler
 from nvg.structure import check_nested, split_clusters
 from nvg.tokenizer import Tokenizer, TokenizerConfig
