@@ -12,6 +12,17 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module's tests run (restored after). Modules of small CPU workloads opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`: oversubscribed OpenMP threads make them several times
+    slower on a busy machine. The op tests keep the default so that at::parallel_for runs in parallel."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     # Tests marked `cuda` need a GPU; on a CPU machine they are deselected with a reason, not silently passed.
     if torch.cuda.is_available():

@@ -7,16 +7,11 @@ import torch
 from nvg.convert import load_official_tokenizer
 from nvg.tokenizer import PRESETS, Tokenizer, TokenizerConfig, count_parameters
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
+
 SEED = 20250818
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small convolutions: one thread avoids OpenMP barrier stalls when other processes share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from nvg import trainer as T
 from nvg.tokenizer import Tokenizer
 from nvg.train_tokenizer import TrainConfig, main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
+
 BASE = TrainConfig(preset="test-ae-16px-4x4", dataset="shapes", batch_size=8, steps=6, lr=1e-3, log_every=2,
                    image_every=1000, ckpt_every=1000, eval_images=16, device="cpu", ema_decay=0.9)
 
@@ -38,13 +40,6 @@ def assert_same_state(a, b):
     assert torch.equal(sa["disc_optimizer"]["state"][0]["exp_avg"], sb["disc_optimizer"]["state"][0]["exp_avg"])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread avoids OpenMP barrier stalls when other processes share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_resume_is_exact(tmp_path):

@@ -9,16 +9,10 @@ import torch
 from nvg.baselines.var.checkpoint import load_var, official_var_state_dict, var_config_from_state_dict
 from nvg.baselines.var.model import VAR, VARConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
+
 REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread while these tests run (restored after): on a shared 2-core machine, oversubscribed
-    threads make these small CPU workloads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 

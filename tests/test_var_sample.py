@@ -9,20 +9,13 @@ import torch
 from nvg.baselines.var.checkpoint import load_var, load_vqvae
 from nvg.baselines.var.graphs import GraphedSampler
 from nvg.baselines.var.model import VAR
-from nvg.baselines.var.sample import (filter_top_k_top_p, make_caches, sample, sample_indices,
-                                      sample_indices_recompute)
+from nvg.baselines.var.sample import filter_top_k_top_p, make_caches, sample, sample_indices, sample_indices_recompute
 from nvg.baselines.var.vqvae import VQVAE
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
 
 REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread while these tests run (restored after): on a shared 2-core machine, oversubscribed
-    threads make these small CPU workloads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 

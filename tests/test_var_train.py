@@ -9,17 +9,11 @@ from nvg import trainer as T
 from nvg.baselines.var.train import TrainConfig, load_tokenizer, main
 from nvg.train import parse
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
+
 TINY = dict(dataset="fashion-mnist", batch_size=2, tokenizer_steps=2, steps=3, disc="none", eval_samples=0,
             fd_proxy=False, eval_images=8, image_every=1000, ckpt_every=1000, device="cpu", log_every=1)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread while these tests run (restored after): on a shared 2-core machine, oversubscribed
-    threads make these small CPU workloads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 

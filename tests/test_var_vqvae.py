@@ -10,17 +10,11 @@ from nvg.baselines.var.checkpoint import check_state_dict, load_vqvae, vqvae_con
 from nvg.baselines.var.quant import phi_index_per_scale
 from nvg.baselines.var.vqvae import VQVAE
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
+
 # The released code's outputs live beside the repository (../shared/reference) unless NVG_REFERENCE_DIR says otherwise.
 REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread while these tests run (restored after): on a shared 2-core machine, oversubscribed
-    threads make these small CPU workloads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 
