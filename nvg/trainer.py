@@ -57,7 +57,10 @@ def init_distributed(device: str | None = None) -> Dist:
 
 
 def destroy_distributed() -> None:
+    """Leave the process group together: a rank that tears down gloo while another is still in a collective or
+    writing the checkpoint can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -7,7 +7,6 @@ import nvg  # noqa: F401
 from nvg.convert_generator import load_official_generator
 
 
-
 @pytest.fixture(scope="module")
 def ref(nvg_reference):
     return nvg_reference

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
-
-import nvg  # noqa: F401  (loads nvg._C: the Python ops share its `nvg` namespace)
 from nvg.kernels import block_attention, block_attention_ref, block_mask
 from nvg.kernels.block_attn import block_attn_bwd_triton, block_attn_fwd_triton
+
+import nvg  # noqa: F401  (loads nvg._C: the Python ops share its `nvg` namespace)
 
 # triton 3.6's interpreter converts 1-element numpy arrays to scalars, deprecated in numpy >= 1.25: noise only
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

@@ -1,10 +1,10 @@
 """Static KV cache: step-by-step append + attend equals full recomputation; static buffers; clear errors."""
 import pytest
 import torch
-
-import nvg  # noqa: F401
 from nvg.kernels import KVCache, block_attention_ref
 from nvg.kernels.block_attn import block_attn_fwd_triton
+
+import nvg  # noqa: F401
 
 # triton 3.6's interpreter converts 1-element numpy arrays to scalars, deprecated in numpy >= 1.25: noise only
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

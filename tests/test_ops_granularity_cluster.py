@@ -5,7 +5,6 @@ import torch
 from nvg.ops import granularity_cluster, granularity_cluster_ref
 
 
-
 def sample_inputs(device):
     """(id, f) pairs: random and awkward shapes, duplicated vectors (exact ties), integer grids, large magnitudes."""
     g = torch.Generator().manual_seed(0)

@@ -7,8 +7,7 @@ import torch
 import nvg  # noqa: F401
 from nvg.model import GeneratorConfig, NVGGenerator
 from nvg.quantizer import MultiGranularityQuantizer
-from nvg.sample import (SampleConfig, Sampler, filter_top_k_top_p, linear_schedule, negative_log_sequence,
-                        time_schedule)
+from nvg.sample import SampleConfig, Sampler, filter_top_k_top_p, linear_schedule, negative_log_sequence, time_schedule
 from nvg.structure import check_nested
 
 TOL = dict(atol=1e-4, rtol=1e-4)
