@@ -14,14 +14,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see t
 REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
 
 
-
-
 @pytest.fixture(scope="module")
-def reference():
-    path = os.path.join(REFERENCE, "var_ref_small.pt")
-    if not os.path.isfile(path):
-        pytest.skip(f"reference file {path} not present (set NVG_REFERENCE_DIR)")
-    return torch.load(path, weights_only=False)
+def reference(var_reference):
+    return var_reference
 
 
 def released_shapes(depth: int) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,5 @@
 """VAR sampling: static-KV-cache sampling equals full recomputation with the block-causal mask (argmax)."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +11,6 @@ from nvg.baselines.var.sample import filter_top_k_top_p, make_caches, sample, sa
 from nvg.baselines.var.vqvae import VQVAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
-
-REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
-
-
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +34,9 @@ def test_cached_argmax_equals_recompute(tiny, cfg):
     torch.testing.assert_close(f_hat, vae.quantize.indices_to_fhat(cached), atol=1e-5, rtol=0)
 
 
-def test_cached_argmax_equals_recompute_reference_weights():
+def test_cached_argmax_equals_recompute_reference_weights(var_reference):
     """Same check at the released sequence length (680 tokens, 10 scales, V 4096) with the reference weights."""
-    path = os.path.join(REFERENCE, "var_ref_small.pt")
-    if not os.path.isfile(path):
-        pytest.skip(f"reference file {path} not present (set NVG_REFERENCE_DIR)")
-    ref = torch.load(path, weights_only=False)
+    ref = var_reference
     vae, var = load_vqvae(ref["vae_state"]), load_var(ref["var_state"])
     labels = ref["labels"][:1]
     cached, _ = sample_indices(var, vae.quantize, labels, cfg=1.5, top_k=1)
