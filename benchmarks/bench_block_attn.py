@@ -165,6 +165,8 @@ def test_block_attn(benchmark, record_baseline, report_ratio, provider, shape, m
     rounds, iterations = (30, 10) if HAS_CUDA else (3, 1)
     benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, no timings
+        return
     pairs = int(block_mask(ids, ids).sum())
     flops = 4.0 * B * H * D * pairs * (1.0 if mode == "fwd" else 3.5)
     median = benchmark.stats.stats.median
@@ -232,6 +234,8 @@ def test_kv_cache_sampling(benchmark, record_baseline, report_ratio, provider):
     run()  # compile / autotune every scale's shape
     with torch.no_grad():
         benchmark.pedantic(run, rounds=30 if HAS_CUDA else 3, iterations=5 if HAS_CUDA else 1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
     benchmark.extra_info.update(ms=round(benchmark.stats.stats.median * 1e3, 4), dtype=str(DTYPE))
     key = ("kv_cache", CACHE_SHAPE)
     if provider == CACHE_PROVIDERS[0]:

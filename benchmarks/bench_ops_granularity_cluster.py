@@ -46,4 +46,6 @@ def test_granularity_cluster(benchmark, record_baseline, report_ratio, provider,
     else:
         benchmark.pedantic(nvg, rounds=rounds, warmup_rounds=1)
         report_ratio(("granularity_cluster", B), "ref_fp32", benchmark, ref)
+        if benchmark.stats is None:  # --benchmark-disable
+            return
         benchmark.extra_info["images_per_s"] = round(B / benchmark.stats.stats.median, 1)

@@ -30,13 +30,16 @@ def median_seconds(fn, repeats=5):
 @pytest.fixture
 def record_baseline():
     def record(key, benchmark):
-        _BASELINES[key] = benchmark.stats.stats.median
+        if benchmark.stats is not None:  # None under --benchmark-disable (a smoke run)
+            _BASELINES[key] = benchmark.stats.stats.median
     return record
 
 
 @pytest.fixture
 def report_ratio():
     def report(key, name, benchmark, baseline_fn):
+        if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+            return
         base = _BASELINES.get(key)
         if base is None:
             base = median_seconds(baseline_fn, repeats=3)

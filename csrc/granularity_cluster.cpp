@@ -51,6 +51,8 @@ void rescan_row(Workspace& w, int64_t M, int64_t r) {
 }
 
 // One image: x [N, C] (double), raw labels out [K+1, N] (level K = position index), then relabelled in place.
+// Compiled twice (AVX2 and baseline x86-64), picked at load time; with -ffp-contract=off both round identically.
+__attribute__((target_clones("arch=x86-64-v3", "default")))
 void cluster_one(const double* x, int64_t N, int64_t C, int64_t K, int64_t* out, Workspace& w) {
   w.members.resize(N);
   w.next_members.resize(N);
