@@ -45,6 +45,14 @@ def _load_reference(name):
 
 
 @pytest.fixture(scope="session")
+def reference_dir():
+    """The folder of official reference files; skips (with the reason) when it is absent."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"official reference folder not found at {REFERENCE_DIR} (set NVG_REFERENCE_DIR)")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
 def nvg_reference():
     """The official NVG code's outputs (nvg_ref_small.pt): a dict with flat keys like 'clustering.labels'."""
     return _load_reference("nvg_ref_small.pt")

@@ -50,12 +50,8 @@ def test_bad_state_dicts_name_the_key(ref, fault):
         load_official_generator(sd)
 
 
-def test_official_d16_key_list_matches_layout():
-    from conftest import REFERENCE_DIR
-
-    keys = REFERENCE_DIR / "official_keys_generator_d16.txt"
-    if not keys.exists():
-        pytest.skip(f"official key list not found at {keys}")
+def test_official_d16_key_list_matches_layout(reference_dir):
+    keys = reference_dir / "official_keys_generator_d16.txt"
     from nvg.model import GeneratorConfig, NVGGenerator
 
     official = {}

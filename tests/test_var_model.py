@@ -1,7 +1,5 @@
 """VAR transformer against the released code's logits (shared reference var_ref_small.pt) and the released layout."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +9,16 @@ from nvg.baselines.var.model import VAR, VARConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
 
-REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
-
 
 @pytest.fixture(scope="module")
 def reference(var_reference):
     return var_reference
 
 
-def released_shapes(depth: int) -> dict[str, tuple[int, ...]]:
+def released_shapes(key_file, depth: int) -> dict[str, tuple[int, ...]]:
     """var_d16_keys.txt with the block keys repeated for `depth` blocks and widths scaled to 64 * depth."""
     shapes = {}
-    with open(os.path.join(REFERENCE, "var_d16_keys.txt")) as f:
+    with open(key_file) as f:
         for line in f:
             if line.startswith("#") or not line.strip():
                 continue
@@ -45,12 +41,12 @@ def released_shapes(depth: int) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("depth", [16, 20, 24, 30])
-def test_released_checkpoint_layout(depth):
+def test_released_checkpoint_layout(depth, reference_dir):
     """Keys and shapes of var_d{depth}.pth, nothing more (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = VAR.from_name(f"var-d{depth}")
     ours = {k: tuple(v.shape) for k, v in official_var_state_dict(model).items()}
-    assert ours == released_shapes(depth)
+    assert ours == released_shapes(reference_dir / "var_d16_keys.txt", depth)
     config = var_config_from_state_dict(model.state_dict())
     assert (config.depth, config.width, config.num_heads) == (depth, 64 * depth, depth)
 

@@ -1,7 +1,5 @@
 """VAR's multi-scale VQVAE against the released code's outputs (shared reference var_ref_small.pt) and its layout."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +10,10 @@ from nvg.baselines.var.vqvae import VQVAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
 
-# The released code's outputs live beside the repository (../shared/reference) unless NVG_REFERENCE_DIR says otherwise.
-REFERENCE = os.environ.get("NVG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
 
-
-
-
-def read_key_file(name: str) -> dict[str, tuple[int, ...]]:
+def read_key_file(path) -> dict[str, tuple[int, ...]]:
     shapes = {}
-    with open(os.path.join(REFERENCE, name)) as f:
+    with open(path) as f:
         for line in f:
             if line.startswith("#") or not line.strip():
                 continue
@@ -31,11 +24,8 @@ def read_key_file(name: str) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    path = os.path.join(REFERENCE, "var_ref_small.pt")
-    if not os.path.isfile(path):
-        pytest.skip(f"reference file {path} not present (set NVG_REFERENCE_DIR)")
-    return torch.load(path, weights_only=False)
+def reference(var_reference):
+    return var_reference
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +37,9 @@ def test_phi_sharing_matches_released_rule():
     assert phi_index_per_scale(10, 4) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
-def test_released_checkpoint_layout():
+def test_released_checkpoint_layout(reference_dir):
     """Every key and shape of vae_ch160v4096z32.pth, nothing more (built on the meta device: no memory)."""
-    expected = read_key_file("var_vae_ch160v4096z32_keys.txt")
+    expected = read_key_file(reference_dir / "var_vae_ch160v4096z32_keys.txt")
     with torch.device("meta"):
         model = VQVAE.from_name("var-vae-ch160")
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
