@@ -94,8 +94,9 @@ PRESETS: dict[str, dict] = {
     "nvg-d20": dict(depth=20),  # 496.6M + 125.0M
     "nvg-d24": dict(depth=24),  # 856.3M + 215.2M
     # CPU presets for the embedded Fashion-MNIST (latent size, vocabulary and classes come from the tokenizer)
-    "nvg-tiny": dict(depth=2, width=128, num_classes=10, vocab_size=1024, latent_dim=16, latent_hw=(8, 8),
-                     drop_path=False),  # 0.56M content + 0.14M structure
+    # head_dim 32: 4 content heads and 2 structure heads (with 64, the structure transformer has a single head)
+    "nvg-tiny": dict(depth=2, width=128, head_dim=32, num_classes=10, vocab_size=1024, latent_dim=16,
+                     latent_hw=(8, 8), drop_path=False),  # 0.55M content + 0.14M structure
     "nvg-test": dict(depth=1, width=128, num_classes=10, vocab_size=64, latent_dim=8, latent_hw=(4, 4), drop_path=False),
 }
 

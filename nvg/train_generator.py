@@ -41,9 +41,9 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     max_images: int | None = None  # train on the first n images only (quick experiments, tests)
     out_dir: str = "runs/generator"
-    steps: int = 2900  # main job: many small steps learn more in a few CPU-minutes than fewer large ones
+    steps: int = 5000  # main job: many small steps learn more in a few CPU-minutes than fewer large ones
     batch_size: int = 8  # per process
-    lr: float | None = 2e-3  # peak LR; None or 0 = 1e-4 x global batch / 256 (official scaling)
+    lr: float | None = 3e-3  # peak LR; None or 0 = 1e-4 x global batch / 256 (official scaling)
     schedule: str = "wsd"  # warm-up, constant, linear decay to final_lr_ratio from decay_start x steps
     warmup_steps: int = 50  # official: 1000
     decay_start: float = 0.8
@@ -59,7 +59,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 under torchrun (d20 / d24)
     amp: bool = True  # bf16 autocast (GPU only)
-    sample_every: int = 500
+    sample_every: int = 1000
     samples_per_class: int = 8
     sample_steps: int = 25  # structure Euler steps for the sample grids
     ckpt_every: int = 250

@@ -152,3 +152,29 @@ def test_repa_with_user_supplied_dinov2(tokenizer_ckpt, tmp_path):
     with pytest.raises(KeyError, match="DINOv2"):
         torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
         DINOv2.from_file(str(tmp_path / "bad.pt"))
+
+
+def test_main_job_keeps_to_its_budget(tmp_path, monkeypatch, capsys):
+    """`python -m nvg.train` wiring: tokenizer, then the generator with what is left of the budget as its time cap;
+    both write their pictures and the generator says where they are."""
+    from nvg import train
+
+    assert train.generator_minutes(14.0, 2.0) == pytest.approx(14.0 - 2.0 - train.MAIN_JOB_RESERVE_MINUTES)
+    assert train.generator_minutes(14.0, 20.0) == 1.0  # an overlong tokenizer run still leaves the generator a minute
+    seen = {}
+    real_main = __import__("nvg.train_generator", fromlist=["main"]).main
+
+    def spy(cfg):
+        seen["cfg"] = cfg
+        return real_main(cfg)
+
+    monkeypatch.setattr("nvg.train_generator.main", spy)
+    res = train.main_job(str(tmp_path / "main"), budget_minutes=5.0,
+                         tokenizer=dict(steps=3, batch_size=4, eval_images=16, image_every=3, ckpt_every=3),
+                         generator=dict(steps=3, max_images=64, samples_per_class=1, sample_steps=2, ckpt_every=3))
+    cap = seen["cfg"].max_minutes
+    assert 3.0 < cap <= 5.0 - train.MAIN_JOB_RESERVE_MINUTES  # the budget less what the tokenizer used
+    assert seen["cfg"].tokenizer == res["tokenizer"]["checkpoint"]
+    gen_dir = tmp_path / "main" / "generator"
+    assert (gen_dir / "samples_final.png").exists() and (gen_dir / "stages_final.png").exists()
+    assert str(gen_dir / "samples_final.png") in capsys.readouterr().out
