@@ -21,7 +21,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nvg.kernels import KVCache, block_attention, block_attention_ref, block_mask
 from nvg.kernels.block_attn import block_attn_bwd_triton, block_attn_fwd_triton
 
@@ -243,7 +242,8 @@ def test_kv_cache_sampling(benchmark, record_baseline, report_ratio, provider):
     else:
         report_ratio(key, CACHE_PROVIDERS[0], benchmark, sampling_run(CACHE_PROVIDERS[0]))
     speedup = benchmark.extra_info.get(f"speedup_vs_{CACHE_PROVIDERS[0]}", "1.0 (baseline)")
-    ROWS.append(dict(shape=f"VAR sampling, one layer, B={B}, H={H}, D={D}, {len(sides)} scales", mode=f"{len(sides)} steps",
+    ROWS.append(dict(shape=f"VAR sampling, one layer, B={B}, H={H}, D={D}, {len(sides)} scales",
+                     mode=f"{len(sides)} steps",
                      provider=provider, ms=benchmark.extra_info["ms"], TFLOP_per_s="-",
                      device=ROWS[0]["device"] if ROWS else DEVICE, dtype=str(DTYPE),
                      **{f"speedup_vs_{BASELINE}": f"{speedup} vs {CACHE_PROVIDERS[0]}"}))

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 import nvg  # noqa: F401
+from conftest import device_name, sync
 from nvg.model import GeneratorConfig, NVGGenerator
 from nvg.quantizer import MultiGranularityQuantizer
 from nvg.sample import SampleConfig, Sampler
-
-from conftest import device_name, sync
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -60,7 +60,7 @@ def rope_matrices(ids_BLA: Tensor, axes_dim: list[int], theta: float = 10_000.0)
 
 
 def apply_rope(x_BHLD: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2m], x[2m+1]) of every head in float32: (cos x0 - sin x1, sin x0 + cos x1) as in FLUX.
+    """Rotate interleaved pairs (x[2m], x[2m+1]) of every head in float32: (cos x0 - sin x1, sin x0 + cos x1), as FLUX.
 
     `freqs` is complex (B, 1, L, D/2) (one complex product, fastest in eager mode) or its real view (B, 1, L, D/2, 2)
     = (cos, sin) (friendlier to torch.compile). Returns x's dtype.

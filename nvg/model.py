@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import LastLayer, LinearHead, MLPEmbedder, ParallelBlock, rope_freqs, rope_axes, timestep_embedding
+from .blocks import LastLayer, LinearHead, MLPEmbedder, ParallelBlock, rope_axes, rope_freqs, timestep_embedding
 from .structure import rope_ids_content, rope_ids_structure, structure_embedding
 
 # Official per-stage canvas normalisers sigma_0..sigma_8 and the final-canvas scale sigma_9 (16x16 latent, K = 8).
@@ -97,7 +97,8 @@ PRESETS: dict[str, dict] = {
     # head_dim 32: 4 content heads and 2 structure heads (with 64, the structure transformer has a single head)
     "nvg-tiny": dict(depth=2, width=128, head_dim=32, num_classes=10, vocab_size=1024, latent_dim=16,
                      latent_hw=(8, 8), drop_path=False),  # 0.55M content + 0.14M structure
-    "nvg-test": dict(depth=1, width=128, num_classes=10, vocab_size=64, latent_dim=8, latent_hw=(4, 4), drop_path=False),
+    "nvg-test": dict(depth=1, width=128, num_classes=10, vocab_size=64, latent_dim=8, latent_hw=(4, 4),
+                     drop_path=False),
 }
 
 
@@ -122,7 +123,8 @@ class NVGGenerator(nn.Module):
         self.cfg = cfg
         K, N, C, w, ws = cfg.K, cfg.num_positions, cfg.latent_dim, cfg.width, cfg.structure_width
         S = cfg.num_stages
-        dp = [0.1 * cfg.depth / 24 * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)] if cfg.drop_path else [0.0] * cfg.depth
+        dp = ([0.1 * cfg.depth / 24 * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)] if cfg.drop_path
+              else [0.0] * cfg.depth)
         self.rope_axes = rope_axes(cfg.head_dim, K)
         if ws // cfg.structure_heads != cfg.head_dim:
             raise ValueError(f"structure head_dim {ws // cfg.structure_heads} != {cfg.head_dim}: use a width with an "

@@ -17,7 +17,7 @@ def granularity_cluster(f: Tensor) -> Tensor:
         f: float[B, N, C] latent features, N = 2**K positions (row-major over the latent grid).
     Returns:
         long[B, K+1, N]: level i holds labels in [0, 2**i) with exactly N / 2**i positions each; level 0 is all
-        zeros, level K the finest (a permutation of 0..N-1), and level[i] // 2 == level[i-1] (children of p are 2p, 2p+1).
+        zeros, level K the finest (a permutation of 0..N-1), and level[i] // 2 == level[i-1] (children of p: 2p, 2p+1).
     """
     return torch.ops.nvg.granularity_cluster.default(f)
 
@@ -37,7 +37,8 @@ def _relabel_ref(raw: Tensor) -> Tensor:
         child = raw[:, level]  # (B, N) raw labels in [0, 2**level)
         parent_of = torch.empty_like(child[:, : 2**level]).scatter_(1, child, out[:, level - 1])
         order = torch.sort(parent_of, dim=1, stable=True).indices  # children grouped by parent, smaller raw first
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=raw.device).expand_as(order))
+        ar = torch.arange(order.shape[1], device=raw.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, ar)
         out[:, level] = rank.gather(1, child)
     return out
 
@@ -51,7 +52,8 @@ def granularity_cluster_ref(f: Tensor, dtype: torch.dtype = torch.float64) -> Te
     x, rows = f.to(dtype), torch.arange(B, device=dev)
     raw = torch.zeros(B, K + 1, N, dtype=torch.long, device=dev)
     raw[:, K] = torch.arange(N, device=dev)
-    members = torch.arange(N, device=dev).view(1, N, 1).expand(B, N, 1)  # (B, M, S): positions of each cluster, member order
+    # (B, M, S): positions of each cluster, in member order
+    members = torch.arange(N, device=dev).view(1, N, 1).expand(B, N, 1)
     for level in range(K, 0, -1):
         M, S = members.shape[1], members.shape[2]
         means = x.gather(1, members.reshape(B, M * S, 1).expand(-1, -1, C)).view(B, M, S, C).mean(2)
@@ -86,7 +88,8 @@ def cluster_quantize(residual: Tensor, labels: Tensor, num_clusters: int, codebo
 
 @torch.library.register_fake("nvg::cluster_quantize")
 def _cluster_quantize_fake(residual, labels, num_clusters, codebook):
-    torch._check(residual.dim() == 3, lambda: f"cluster_quantize: residual must be [B, N, C], got {tuple(residual.shape)}")
+    torch._check(residual.dim() == 3,
+                 lambda: f"cluster_quantize: residual must be [B, N, C], got {tuple(residual.shape)}")
     torch._check(
         residual.device == labels.device == codebook.device,
         lambda: f"cluster_quantize: residual ({residual.device}), labels ({labels.device}) and codebook "
@@ -105,7 +108,8 @@ def cluster_mean_ref(residual: Tensor, labels: Tensor, num_clusters: int) -> Ten
     return sums / counts.clamp(min=1)[..., None]
 
 
-def cluster_quantize_ref(residual: Tensor, labels: Tensor, num_clusters: int, codebook: Tensor) -> tuple[Tensor, Tensor]:
+def cluster_quantize_ref(residual: Tensor, labels: Tensor, num_clusters: int,
+                         codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Reference for `cluster_quantize`: scatter-mean + the official addmm distance + argmin, in float64."""
     means = cluster_mean_ref(residual, labels, num_clusters)  # (B, n, C)
     r, E = means.flatten(0, 1), codebook.double()

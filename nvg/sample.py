@@ -121,8 +121,8 @@ class Sampler:
         cfg = model.cfg
         if quantizer.num_stages != cfg.num_stages or quantizer.dim != cfg.latent_dim or \
                 quantizer.codebook_size != cfg.vocab_size:
-            raise ValueError(f"generator (stages {cfg.num_stages}, C {cfg.latent_dim}, V {cfg.vocab_size}) does not fit "
-                             f"the quantizer (stages {quantizer.num_stages}, C {quantizer.dim}, "
+            raise ValueError(f"generator (stages {cfg.num_stages}, C {cfg.latent_dim}, V {cfg.vocab_size}) does not "
+                             f"fit the quantizer (stages {quantizer.num_stages}, C {quantizer.dim}, "
                              f"V {quantizer.codebook_size})")
         self.model, self.quantizer, self.fast = model, quantizer, fast
         self._content = model.forward_content
@@ -270,7 +270,8 @@ class Sampler:
             if tokens is not None:
                 raise ValueError("fixed tokens need the label maps of their stages (pass `structure`)")
             return 0
-        if structure.dim() != 3 or structure.shape[0] != B or structure.shape[2] != N or not 1 <= structure.shape[1] <= S:
+        if (structure.dim() != 3 or structure.shape[0] != B or structure.shape[2] != N
+                or not 1 <= structure.shape[1] <= S):
             raise ValueError(f"structure must be (B={B}, S' in 1..{S}, N={N}) label maps, got {tuple(structure.shape)}")
         check_nested(structure, "structure")
         if tokens is not None:

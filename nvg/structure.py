@@ -89,7 +89,8 @@ def check_nested(labels_BSN: Tensor, name: str = "labels") -> None:
 
 
 def rope_ids_content(labels_BN: Tensor, stage: int, K: int, grid_hw: tuple[int, int]) -> Tensor:
-    """RoPE ids of the content pass (B, 1+N, K+3): row 0 (class token) all 1; rows 1..N = [0, se(s, stage), row, col]."""
+    """RoPE ids of the content pass (B, 1+N, K+3): row 0 (class token) all 1; rows 1..N = [0, se(s, stage), row,
+    col]."""
     B, N = labels_BN.shape
     h, w = grid_hw
     if h * w != N:

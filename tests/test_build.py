@@ -31,7 +31,8 @@ def test_cmake_builds_the_same_module(tmp_path):
         "f = torch.arange(48.).view(1, 16, 3).sin();"
         "print(torch.ops.nvg.granularity_cluster(f).flatten().tolist())"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(src), str(src / "nvg" / built[0])], cwd=str(tmp_path), **run).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", code, str(src), str(src / "nvg" / built[0])], cwd=str(tmp_path),
+                         **run).stdout.strip()
     import nvg  # noqa: F401
 
     expected = torch.ops.nvg.granularity_cluster(torch.arange(48.0).view(1, 16, 3).sin()).flatten().tolist()

@@ -1,4 +1,4 @@
-"""Block attention: Triton kernels (interpreter on CPU, native on GPU) and the nvg::block_attn_* ops vs the reference."""
+"""Block attention: Triton kernels (interpreter on CPU, native on GPU), nvg::block_attn_* ops vs the reference."""
 import os
 import subprocess
 import sys

@@ -11,8 +11,8 @@ def sample_inputs(device):
     """(id, residual, labels, n, codebook): random and awkward shapes, duplicated codes, empty clusters."""
     g = torch.Generator().manual_seed(1)
     cases = []
-    for B, N, C, n, V in [(1, 1, 1, 1, 1), (3, 4, 5, 2, 7), (1, 2, 3, 2, 4096), (5, 16, 7, 8, 33), (2, 256, 32, 64, 4096),
-                          (4, 256, 13, 256, 100)]:
+    for B, N, C, n, V in [(1, 1, 1, 1, 1), (3, 4, 5, 2, 7), (1, 2, 3, 2, 4096), (5, 16, 7, 8, 33),
+                          (2, 256, 32, 64, 4096), (4, 256, 13, 256, 100)]:
         res = torch.randn(B, N, C, generator=g)
         labels = torch.randint(0, n, (B, N), generator=g)
         cases.append((f"randn-B{B}-N{N}-C{C}-n{n}-V{V}", res, labels, n, torch.randn(V, C, generator=g) * 0.5))
@@ -89,7 +89,8 @@ def test_cuda_matches_cpu_full_size():
 
 
 def _args(**kw):
-    a = dict(residual=torch.randn(2, 8, 3), labels=torch.randint(0, 4, (2, 8)), num_clusters=4, codebook=torch.randn(6, 3))
+    a = dict(residual=torch.randn(2, 8, 3), labels=torch.randint(0, 4, (2, 8)), num_clusters=4,
+             codebook=torch.randn(6, 3))
     a.update(kw)
     return a["residual"], a["labels"], a["num_clusters"], a["codebook"]
 
