@@ -249,12 +249,7 @@ def main(cfg: TrainConfig) -> dict:
         with T.autocast(dev, cfg.amp):
             res = net(vgs.canvas, vgs.labels, y, generator=gen)
             loss, terms = generator_loss(res, vgs.f_hat, vgs.tokens, repa_target, cfg.repa_weight)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite generator loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        T.optimizer_step(opt, loss, model.parameters(), cfg.grad_clip, step, "generator loss")
         ema_update(ema, model)
         step += 1
         last = terms

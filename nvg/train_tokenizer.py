@@ -226,12 +226,7 @@ def main(cfg: TrainConfig) -> dict:
                 for p in d_params:
                     p.requires_grad_(True)
                 loss = loss + cfg.disc_weight * g_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        T.optimizer_step(opt, loss, model.parameters(), cfg.grad_clip, step)
         ema.update(model)
         if use_disc:
             T.set_lr(opt_d, lr)

@@ -174,6 +174,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, grad_clip: float, step: int,
+                   what: str = "loss") -> None:
+    """One update: backward, clip the global gradient norm to grad_clip, step. A non-finite loss raises
+    FloatingPointError naming `what` and the step instead of writing NaNs into the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite {what} {loss.item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 # ----------------------------------------------------------------------------- data order
 class ResumableBatches:
     """Per-epoch shuffled index batches that can restart at any (epoch, batch): the order of epoch e is a permutation

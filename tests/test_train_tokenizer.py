@@ -267,3 +267,13 @@ def test_dino_discriminator_from_user_weights(tmp_path):
     wa, wb = weights(T.latest_checkpoint(tmp_path / "a")), weights(T.latest_checkpoint(tmp_path / "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert "lecam" in T.load_state(T.latest_checkpoint(tmp_path / "b"))
+
+
+def test_optimizer_step_clips_and_refuses_non_finite_losses():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    with pytest.raises(FloatingPointError, match="non-finite generator loss nan at step 7"):
+        T.optimizer_step(opt, (w * float("nan")).sum(), [w], 1.0, 7, "generator loss")
+    assert torch.equal(w.detach(), torch.ones(3))  # the weights are untouched
+    T.optimizer_step(opt, (w * 10).sum(), [w], 1.0, 8)  # gradient (10, 10, 10) clipped to norm 1
+    torch.testing.assert_close(w.detach(), torch.full((3,), 1 - 0.1 / 3**0.5))

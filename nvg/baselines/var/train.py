@@ -161,12 +161,7 @@ def train_transformer(cfg: TrainConfig, dist: T.Dist, out: Path, vae_path: str) 
             logits_BLV = net(labels, x_BLCv)
         loss = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(),
                                label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite VAR loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(var.parameters(), cfg.grad_clip)
-        opt.step()
+        T.optimizer_step(opt, loss, var.parameters(), cfg.grad_clip, step, "VAR loss")
         ema.update(var)
         step += 1
         if dist.is_main and (step % cfg.log_every == 0 or step == cfg.steps):

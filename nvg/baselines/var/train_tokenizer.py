@@ -88,12 +88,7 @@ def train_tokenizer(cfg, dist: T.Dist, out: Path) -> dict:
                 disc.requires_grad_(False)  # the generator loss must not touch D's gradients (or DDP hooks)
                 loss = loss + cfg.disc_weight * generator_loss(disc(rec))
                 disc.requires_grad_(True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite tokenizer loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-        opt.step()
+        T.optimizer_step(opt, loss, vae.parameters(), cfg.grad_clip, step, "tokenizer loss")
         with torch.no_grad():  # per-scale usage record kept in the checkpoint (released buffer)
             vae.quantize.ema_vocab_hit_SV.mul_(0.99).add_(T.all_reduce_mean(hits_SV), alpha=0.01)
         ema.update(vae)
