@@ -14,7 +14,8 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(nvg, m) {
   // f: float[B, N, C], N = 2^K  ->  long[B, K+1, N]; level i holds the nested labels in [0, 2^i).
-  m.def("granularity_cluster(Tensor f) -> Tensor");
+  // validate=false skips the finiteness check (a device-to-host sync on CUDA); the shape checks always run.
+  m.def("granularity_cluster(Tensor f, bool validate=True) -> Tensor");
   // residual: float[B, N, C], labels: long[B, N] in [0, num_clusters), codebook: float[V, C]
   //   -> (ids: long[B, num_clusters], means: float[B, num_clusters, C])
   m.def("cluster_quantize(Tensor residual, Tensor labels, int num_clusters, Tensor codebook) -> (Tensor, Tensor)");

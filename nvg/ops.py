@@ -10,7 +10,7 @@ __all__ = ["granularity_cluster", "granularity_cluster_ref", "cluster_quantize",
 
 
 # ------------------------------------------------------------------------------------------------ granularity_cluster
-def granularity_cluster(f: Tensor) -> Tensor:
+def granularity_cluster(f: Tensor, validate: bool = True) -> Tensor:
     """Nested label maps of the official greedy pairwise clustering (spec/nvg-method.md §1.1).
 
     Args:
@@ -18,12 +18,15 @@ def granularity_cluster(f: Tensor) -> Tensor:
     Returns:
         long[B, K+1, N]: level i holds labels in [0, 2**i) with exactly N / 2**i positions each; level 0 is all
         zeros, level K the finest (a permutation of 0..N-1), and level[i] // 2 == level[i-1] (children of p: 2p, 2p+1).
+    validate=False skips the check that f is finite (on CUDA a device-to-host sync, and not capturable in a CUDA
+    graph): for callers that validated once upstream. Shapes and dtypes are always checked. Non-finite values then
+    give valid but meaningless label maps.
     """
-    return torch.ops.nvg.granularity_cluster.default(f)
+    return torch.ops.nvg.granularity_cluster.default(f, validate)
 
 
 @torch.library.register_fake("nvg::granularity_cluster")
-def _granularity_cluster_fake(f):
+def _granularity_cluster_fake(f, validate=True):
     torch._check(f.dim() == 3, lambda: f"granularity_cluster: f must be [B, N, C], got shape {tuple(f.shape)}")
     n = f.shape[1]
     k = max(int(n).bit_length() - 1, 0)

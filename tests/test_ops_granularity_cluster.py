@@ -43,6 +43,43 @@ def test_matches_reference(device, idx):
     check_structure(out, f.shape[1])
 
 
+def tie_inputs():
+    """Inputs full of exactly equal distances, N = 2..256, B = 1 and odd B: the mutual-nearest-neighbour rounds must
+    break every tie as the official one-pair-at-a-time loop does (smallest distance, then first row-major entry)."""
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for N in [2, 4, 8, 16, 32, 64, 128, 256]:
+        B = 1 if N in (2, 16, 128) else 3
+        cases.append((f"int-grid-B{B}-N{N}", torch.randint(-1, 2, (B, N, 2), generator=g).double()))
+        reps = max(N // 4, 1)  # N / reps distinct vectors, each repeated
+        base = torch.randint(-2, 3, (B, N // reps, 3), generator=g).double()
+        cases.append((f"duplicates-B{B}-N{N}", base.repeat(1, reps, 1)))
+        cases.append((f"all-equal-B{B}-N{N}", torch.full((B, N, 4), 0.5, dtype=torch.float64)))
+    # a line of points 0, 1, 2, ...: equal nearest distances along a chain, and one mutual pair per round
+    cases.append(("line-B5-N64", torch.arange(64.0).view(1, 64, 1).repeat(5, 1, 1)))
+    cases.append(("doubling-B1-N32", (2.0 ** torch.arange(32.0)).view(1, 32, 1)))
+    cases.append(("lattice-B1-N256", torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0),
+                                                                indexing="ij"), -1).view(1, 256, 2)))
+    return cases
+
+
+@pytest.mark.parametrize("idx", range(len(tie_inputs())), ids=[n for n, _ in tie_inputs()])
+def test_ties_match_official_order(idx):
+    name, f = tie_inputs()[idx]
+    out = granularity_cluster(f)
+    assert torch.equal(out, granularity_cluster_ref(f)), name
+    check_structure(out, f.shape[1])
+    assert torch.equal(granularity_cluster(f, validate=False), out)
+
+
+def test_validate_false_keeps_valid_structure_on_nan():
+    """Unvalidated non-finite input: no error, no out-of-range label (NaN distances count as +inf)."""
+    f = torch.randn(3, 32, 4)
+    f[0, 3] = float("nan")
+    f[1] = float("inf")
+    check_structure(granularity_cluster(f, validate=False), 32)
+
+
 def test_official_reference_labels(nvg_reference):
     ref = nvg_reference
     f = ref["clustering.f"]

@@ -307,7 +307,7 @@ int64_t workspace_budget_bytes() {
   return mb * (int64_t(1) << 20);
 }
 
-at::Tensor granularity_cluster_cuda(const at::Tensor& f) {
+at::Tensor granularity_cluster_cuda(const at::Tensor& f, bool validate) {
   check_granularity_cluster(f);
   TORCH_CHECK(f.is_cuda(), "granularity_cluster: the CUDA kernel got a tensor on ", f.device());
   const c10::cuda::CUDAGuard device_guard(f.device());
@@ -317,7 +317,7 @@ at::Tensor granularity_cluster_cuda(const at::Tensor& f) {
   TORCH_CHECK(N * C <= std::numeric_limits<int32_t>::max(), "granularity_cluster: N * C = ", N * C,
               " is too large for the CUDA kernel (at most 2^31 - 1 values per image)");
   const at::Tensor x = f.to(at::kDouble).contiguous();
-  check_finite(x, "granularity_cluster", "f");
+  if (validate) check_finite(x, "granularity_cluster", "f");
   at::Tensor out = at::empty({B, K + 1, N}, f.options().dtype(at::kLong));
 
   const StateLayout layout = state_layout(N, C, K);
