@@ -13,6 +13,7 @@ is `block_attention`, which checks its arguments; the ops themselves do not.
 Triton ships with CUDA builds of torch but not with the CPU build: without it the same ops are registered with
 torch.library.custom_op and run the reference on every device (with a warning on CUDA, where it is slow).
 """
+import contextlib
 import warnings
 
 import torch
@@ -99,6 +100,28 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+# CUDA grid limits: x up to 2^31 - 1 programs, y and z up to 65,535.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def fold_grid(n_tiles: int, batch_heads: int) -> tuple[int]:
+    """Launch grid of the attention kernels: one axis of n_tiles * batch_heads programs, program
+    (b * H + h) * n_tiles + j (the kernels unfold it). B * H never lands on a 65,535-capped axis."""
+    total = n_tiles * batch_heads
+    if total > GRID_LIMITS[0]:
+        raise ValueError(f"block_attention: {n_tiles} tiles x {batch_heads} batch-heads = {total} programs exceed "
+                         f"the CUDA grid limit of {GRID_LIMITS[0]}; split the batch")
+    return (total,)
+
+
+def _on_device(x: Tensor):
+    """Launch under x's CUDA device (Triton launches on the current device), as the C++ ops' device guard does.
+    torch.compile emits its own guard: nothing to add while tracing."""
+    if x.device.type == "cuda" and not torch.compiler.is_compiling():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()  # kernels assume unit stride along the head dimension
 
@@ -112,12 +135,13 @@ def block_attn_fwd_triton(q, k, v, q_block, k_block, scale):
     kv_len, stride_nb = _kv_len(q_block, k_block)
 
     def grid(meta):
-        return (_cdiv(Lq, meta["BM"]), B * H)
+        return fold_grid(_cdiv(Lq, meta["BM"]), B * H)
 
-    wrap_triton(_block_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, kv_len, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), stride_nb,
-        H, Lq, Lk, D=D, PRECISION=DOT_PRECISION)
+    with _on_device(q):
+        wrap_triton(_block_attn_fwd_kernel)[grid](
+            q, k, v, out, lse, kv_len, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            stride_nb, H, Lq, Lk, D=D, PRECISION=DOT_PRECISION)
     return out, lse
 
 
@@ -132,24 +156,25 @@ def block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, scale):
     dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, Lk, D), dtype=v.dtype, device=q.device)
     delta_bm = 16 if INTERPRET else 64
-    wrap_triton(_bwd_delta_kernel)[(_cdiv(Lq, delta_bm), B * H)](
-        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1),
-        grad_out.stride(2), H, Lq, D=D, BM=delta_bm)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
                v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), stride_nb)
 
     def grid_k(meta):
-        return (_cdiv(Lk, meta["BN"]), B * H)
+        return fold_grid(_cdiv(Lk, meta["BN"]), B * H)
 
     def grid_q(meta):
-        return (_cdiv(Lq, meta["BM"]), B * H)
+        return fold_grid(_cdiv(Lq, meta["BM"]), B * H)
 
-    wrap_triton(_block_attn_bwd_dkdv_kernel)[grid_k](
-        q, k, v, grad_out, lse, delta, kv_len, dk, dv, scale, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        H, Lq, Lk, D=D, PRECISION=DOT_PRECISION)
-    wrap_triton(_block_attn_bwd_dq_kernel)[grid_q](
-        q, k, v, grad_out, lse, delta, kv_len, dq, scale, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        H, Lq, Lk, D=D, PRECISION=DOT_PRECISION)
+    with _on_device(q):
+        wrap_triton(_bwd_delta_kernel)[fold_grid(_cdiv(Lq, delta_bm), B * H)](
+            out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0),
+            grad_out.stride(1), grad_out.stride(2), H, Lq, D=D, BM=delta_bm)
+        wrap_triton(_block_attn_bwd_dkdv_kernel)[grid_k](
+            q, k, v, grad_out, lse, delta, kv_len, dk, dv, scale, *strides, dk.stride(0), dk.stride(1),
+            dk.stride(2), H, Lq, Lk, D=D, PRECISION=DOT_PRECISION)
+        wrap_triton(_block_attn_bwd_dq_kernel)[grid_q](
+            q, k, v, grad_out, lse, delta, kv_len, dq, scale, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            H, Lq, Lk, D=D, PRECISION=DOT_PRECISION)
     return dq, dk, dv
 
 

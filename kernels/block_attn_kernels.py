@@ -20,12 +20,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_PRECISION = "ieee" if INTERPRET else "tf32"
 
 
-def _configs(blocks):
+# NVG_TRITON_AUTOTUNE=0 (the GPU check's test phase): one config per kernel (TEST_BLOCKS), so each head dim, dtype
+# and argument specialization compiles once instead of once per config. Benchmarks keep the default (autotune).
+AUTOTUNE = os.environ.get("NVG_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _configs(blocks, test_block):
     # Autotune over several tile shapes only on a GPU: the interpreter supports one config, and tiny 16x16 tiles
     # make interpreter tests cross tile boundaries at lengths of a few dozen.
     if INTERPRET or not torch.cuda.is_available():
         return [triton.Config({"BM": 16, "BN": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in blocks]
+    chosen = blocks if AUTOTUNE else [test_block]
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in chosen]
 
 
 # (BM, BN, num_warps, num_stages); Hopper-sized tiles for D <= 128. All compile for sm_90a with triton 3.6 (see
@@ -34,7 +40,11 @@ FWD_BLOCKS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)
               (64, 32, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)]
 DKDV_BLOCKS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
 DQ_BLOCKS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)]
-FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = _configs(FWD_BLOCKS), _configs(DKDV_BLOCKS), _configs(DQ_BLOCKS)
+# The single configs of NVG_TRITON_AUTOTUNE=0: they fit shared memory for every dtype up to fp32 at D = 128.
+TEST_BLOCKS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
+FWD_CONFIGS = _configs(FWD_BLOCKS, TEST_BLOCKS["fwd"])
+DKDV_CONFIGS = _configs(DKDV_BLOCKS, TEST_BLOCKS["dkdv"])
+DQ_CONFIGS = _configs(DQ_BLOCKS, TEST_BLOCKS["dq"])
 # Re-tune per (lengths, head dim): sampling calls each scale's shape repeatedly (warm up before graph capture).
 KEY = ["Lq", "Lk", "D"]
 LOG2E = 1.4426950408889634
@@ -77,8 +87,11 @@ def _block_attn_fwd_kernel(Q, K, V, O, LSE, KV_LEN, sm_scale,
                            stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_nb,
                            H, Lq, Lk, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     """O = softmax(Q Kᵀ·scale + mask) V and LSE = logsumexp of the masked logits (natural log), per query row."""
-    # Last query tiles first: under block-causal masks they see the most keys, so the longest programs start early.
-    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    # One grid axis: program = (b * H + h) * n_tiles + j (see fold_grid). Last query tiles first: under
+    # block-causal masks they see the most keys, so the longest programs start early.
+    n_tiles = tl.cdiv(Lq, BM)
+    pid = tl.program_id(0)
+    i_m, i_bh = n_tiles - 1 - pid % n_tiles, pid // n_tiles
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     Q += i_b * stride_qb + i_h * stride_qh
     K += i_b * stride_kb + i_h * stride_kh
@@ -120,7 +133,8 @@ def _block_attn_fwd_kernel(Q, K, V, O, LSE, KV_LEN, sm_scale,
 def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
                       H, Lq, D: tl.constexpr, BM: tl.constexpr):
     """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] (fp32): the softmax-gradient row correction."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    n_tiles = tl.cdiv(Lq, BM)
+    i_m, i_bh = tl.program_id(0) % n_tiles, tl.program_id(0) // n_tiles
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
@@ -145,7 +159,8 @@ def _block_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, DK, DV, sm_scal
     P = exp(Q Kᵀ·scale − LSE) is recomputed from the saved LSE. Query tiles whose rows all stop before this key tile
     are skipped after loading their kv_len; the element mask is applied only when the tile is partially allowed.
     """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    n_tiles = tl.cdiv(Lk, BN)
+    i_n, i_bh = tl.program_id(0) % n_tiles, tl.program_id(0) // n_tiles
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     Q += i_b * stride_qb + i_h * stride_qh
     K += i_b * stride_kb + i_h * stride_kh
@@ -220,7 +235,9 @@ def _block_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KV_LEN, DQ, sm_scale,
                               H, Lq, Lk, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                               PRECISION: tl.constexpr):
     """dQ = scale · dS K for one query tile, looping over its allowed key prefix only (as the forward)."""
-    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)  # longest programs first
+    n_tiles = tl.cdiv(Lq, BM)
+    pid = tl.program_id(0)
+    i_m, i_bh = n_tiles - 1 - pid % n_tiles, pid // n_tiles  # longest programs first
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     Q += i_b * stride_qb + i_h * stride_qh
     K += i_b * stride_kb + i_h * stride_kh
