@@ -7,9 +7,9 @@ images/s = batch / median seconds, in extra_info.
 import pytest
 import torch
 
-from nvg.fd_proxy import load_proxy_cnn
-from nvg.inception import INSTALL_HINT, InceptionFeatures, inception_available
-from nvg.metrics import feature_stats, frechet_distance
+from nvg.eval.fd_proxy import load_proxy_cnn
+from nvg.eval.inception import INSTALL_HINT, InceptionFeatures, inception_available
+from nvg.eval.metrics import feature_stats, frechet_distance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

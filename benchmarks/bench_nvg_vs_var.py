@@ -83,8 +83,8 @@ def build(size: str, model: str):
             gen = VAR.from_name(var_name)
         else:
             tok = Tokenizer(nvg_tok)
-            cfg = GeneratorConfig.from_name(nvg_name, latent_dim=tok.cfg.latent_channels,
-                                            vocab_size=tok.cfg.codebook_size)
+            cfg = GeneratorConfig.from_name(nvg_name, latent_dim=tok.config.latent_channels,
+                                            vocab_size=tok.config.codebook_size)
             gen = NVGGenerator(cfg)
         _CACHE[key] = (gen.to(DEVICE).eval(), tok.to(DEVICE).eval())
     return _CACHE[key]
@@ -173,7 +173,7 @@ def decode_fn(size: str, model: str, batch: int):
         f_hat = torch.randn(batch, c.latent_channels, c.patch_nums[-1], c.patch_nums[-1], device=DEVICE)
         decode = tok.fhat_to_img
     else:
-        c = gen.cfg
+        c = gen.config
         f_hat = torch.randn(batch, c.num_positions, c.latent_dim, device=DEVICE)
         decode = tok.decode
 
@@ -208,7 +208,7 @@ def train_step_fn(size: str, model: str, batch: int):
     gen, tok = build(size, model)
     gen.train()
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    side = tok.config.image_size if model == "var" else tok.cfg.image_size
+    side = tok.config.image_size if model == "var" else tok.config.image_size
     x = torch.rand(batch, 3, side, side, device=DEVICE) * 2 - 1
     labels = torch.arange(batch, device=DEVICE) % 10
     with torch.no_grad():

@@ -51,15 +51,15 @@ def run(sampler: Sampler, batch: int, num_classes: int):
 def test_sampler(benchmark, record_baseline, report_ratio, preset, batch, path):
     model, quant = build(preset)
     sampler = Sampler(model, quant, fast=(path == "fast"))
-    reference = run(Sampler(model, quant), batch, model.cfg.num_classes) if path == "fast" else None
-    out = run(sampler, batch, model.cfg.num_classes)  # warm-up (compilation, CUDA graph capture)
-    benchmark.pedantic(run, args=(sampler, batch, model.cfg.num_classes), rounds=3, warmup_rounds=1)
+    reference = run(Sampler(model, quant), batch, model.config.num_classes) if path == "fast" else None
+    out = run(sampler, batch, model.config.num_classes)  # warm-up (compilation, CUDA graph capture)
+    benchmark.pedantic(run, args=(sampler, batch, model.config.num_classes), rounds=3, warmup_rounds=1)
     key = (preset, batch)
     benchmark.extra_info.update(device=device_name(), preset=preset, batch=batch, structure_steps=25, cfg=True)
     if path == "plain":
         record_baseline(key, benchmark)
     else:
-        report_ratio(key, "plain", benchmark, lambda: run(Sampler(model, quant), batch, model.cfg.num_classes))
+        report_ratio(key, "plain", benchmark, lambda: run(Sampler(model, quant), batch, model.config.num_classes))
         benchmark.extra_info["same_tokens"] = bool(torch.equal(out.tokens_cat(), reference.tokens_cat())
                                                    and torch.equal(out.labels, reference.labels))
     if HAS_CUDA and preset == "nvg-d16" and benchmark.stats is not None:

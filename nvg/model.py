@@ -120,7 +120,7 @@ class NVGGenerator(nn.Module):
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         K, N, C, w, ws = cfg.K, cfg.num_positions, cfg.latent_dim, cfg.width, cfg.structure_width
         S = cfg.num_stages
         dp = ([0.1 * cfg.depth / 24 * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)] if cfg.drop_path
@@ -177,13 +177,13 @@ class NVGGenerator(nn.Module):
     def check_classes(self, y_B: Tensor) -> None:
         if y_B.dim() != 1 or y_B.dtype.is_floating_point:
             raise ValueError(f"class ids must be an integer tensor (B,), got {y_B.dtype} {tuple(y_B.shape)}")
-        if y_B.numel() and (y_B.min() < 0 or y_B.max() > self.cfg.num_classes):
-            raise ValueError(f"class ids must be in [0, {self.cfg.num_classes}] ({self.cfg.num_classes} = null class), "
+        if y_B.numel() and (y_B.min() < 0 or y_B.max() > self.config.num_classes):
+            raise ValueError(f"class ids must be in [0, {self.config.num_classes}] ({self.config.num_classes} = null class), "
                              f"got min {y_B.min().item()} max {y_B.max().item()}")
 
     def content_rope(self, labels_BN: Tensor, stage: int) -> tuple[Tensor, Tensor]:
         """(content ids (B, 1+N, K+3), complex RoPE rotations) of one stage's content pass."""
-        ids = rope_ids_content(labels_BN, stage, self.cfg.K, self.cfg.latent_hw)
+        ids = rope_ids_content(labels_BN, stage, self.config.K, self.config.latent_hw)
         return ids, rope_freqs(ids, self.rope_axes)
 
     def cluster_mean(self, x_BNC: Tensor, labels_BN: Tensor, n: int) -> Tensor:
@@ -232,7 +232,7 @@ class NVGGenerator(nn.Module):
         tokens = torch.cat([sc.tokens_BLC, self.structure_embed(z_BNK)], 1)  # (B, 1+2N, ws)
         for block in self.structure_blocks:
             tokens = block(tokens, vec, sc.freqs)
-        return self.structure_head(tokens[:, -self.cfg.num_positions:], vec)
+        return self.structure_head(tokens[:, -self.config.num_positions:], vec)
 
     # -------------------------------------------------------------------------------------------- teacher forcing
     def forward(self, canvas_BSNC: Tensor, labels_BSN: Tensor, y_B: Tensor, eps_BNK: Tensor | None = None,
@@ -250,7 +250,7 @@ class NVGGenerator(nn.Module):
         Returns: dict with x0_hat (B, S, N, C), logits (list of S tensors (B, 2**i, V)), struct_v and struct_pred
             (= eps - v) (B, S-2, N, K), struct_target (B, S-2, N, K) in {-1, 1}, eps_s, z_t, t, repa_hidden.
         """
-        cfg = self.cfg
+        cfg = self.config
         B, S, N, C = canvas_BSNC.shape
         K, Ks = cfg.K, cfg.num_stages - 2
         if (S, N, C) != (cfg.num_stages, cfg.num_positions, cfg.latent_dim) or labels_BSN.shape != (B, S, N):

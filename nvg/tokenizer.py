@@ -253,11 +253,11 @@ class Tokenizer(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig | str = "nvg-ae-f16"):
         super().__init__()
-        self.cfg = TokenizerConfig.from_name(cfg) if isinstance(cfg, str) else cfg
-        self.encoder = Encoder(self.cfg)
-        self.decoder = Decoder(self.cfg)
-        self.quantize = MultiGranularityQuantizer(self.cfg.codebook_size, self.cfg.latent_channels,
-                                                  (self.cfg.latent_size,) * 2, self.cfg.beta, self.cfg.phi_ratio)
+        self.config = TokenizerConfig.from_name(cfg) if isinstance(cfg, str) else cfg
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+        self.quantize = MultiGranularityQuantizer(self.config.codebook_size, self.config.latent_channels,
+                                                  (self.config.latent_size,) * 2, self.config.beta, self.config.phi_ratio)
 
     @property
     def num_stages(self) -> int:
@@ -284,7 +284,7 @@ class Tokenizer(nn.Module):
 
     def check_images(self, x: Tensor) -> None:
         """Raise a clear error unless x is a finite float batch (B, in_channels, image_size, image_size)."""
-        c, s = self.cfg.in_channels, self.cfg.image_size
+        c, s = self.config.in_channels, self.config.image_size
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"expected images (B, {c}, {s}, {s}), got {getattr(x, 'shape', type(x))}")
         if x.shape[1] != c:
@@ -309,7 +309,7 @@ class Tokenizer(nn.Module):
 
     def decode_latent(self, f: Tensor) -> Tensor:
         """Latent (B, C, h, w) or (B, N, C) -> images (B, 3, H, W) clamped to [-1, 1]."""
-        C, s = self.cfg.latent_channels, self.cfg.latent_size
+        C, s = self.config.latent_channels, self.config.latent_size
         if f.dim() == 3:
             if f.shape[1:] != (s * s, C):
                 raise ValueError(f"expected a latent (B, {s * s}, {C}), got {tuple(f.shape)}")

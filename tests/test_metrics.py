@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nvg.metrics import (
+from nvg.eval.metrics import (
     codebook_usage,
     feature_stats,
     frechet_distance,

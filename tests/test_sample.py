@@ -7,7 +7,7 @@ import torch
 import nvg  # noqa: F401
 from nvg.model import GeneratorConfig, NVGGenerator
 from nvg.quantizer import MultiGranularityQuantizer
-from nvg.sample import SampleConfig, Sampler, filter_top_k_top_p, linear_schedule, negative_log_sequence, time_schedule
+from nvg.sample.sampler import SampleConfig, Sampler, filter_top_k_top_p, linear_schedule, negative_log_sequence, time_schedule
 from nvg.structure import check_nested
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -85,7 +85,7 @@ def tiny_sampler(seed=0):
 def test_shapes_and_nesting():
     s = tiny_sampler()
     vgs = s.generate(torch.tensor([0, 3, 9]), SampleConfig(structure_steps=4), seed=1)
-    cfg = s.model.cfg
+    cfg = s.model.config
     assert [tuple(t.shape) for t in vgs.tokens] == [(3, 2**i) for i in range(cfg.num_stages)]
     assert vgs.labels.shape == (3, cfg.num_stages, cfg.num_positions)
     assert vgs.canvas.shape == (3, cfg.num_stages, cfg.num_positions, cfg.latent_dim)

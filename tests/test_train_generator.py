@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import nvg  # noqa: F401
-from nvg import trainer as T
+from nvg.train import common as T
 from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
 from nvg.tokenizer import Tokenizer, TokenizerConfig
-from nvg.train_generator import TrainConfig, main
+from nvg.train.generator import TrainConfig, main
 
 TOK = dict(image_size=16, latent_size=4, base_channels=8, channel_mult=(1, 1, 1), num_res_blocks=1,
            latent_channels=8, codebook_size=64, norm_groups=4)
@@ -26,7 +26,7 @@ def tokenizer_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     tok = Tokenizer(TokenizerConfig(**TOK))
     tok.quantize.embedding.weight.data.normal_()
-    cfg = {"kind": "tokenizer", "model": tok.cfg.to_dict(), "train": {}}
+    cfg = {"kind": "tokenizer", "model": tok.config.to_dict(), "train": {}}
     T.save_checkpoint(run, 1, tok, cfg, {"step": 1}, ema=T.EMA(tok, 0.0))
     return str(run)
 
@@ -73,7 +73,7 @@ def test_train_writes_checkpoint_and_samples(tokenizer_ckpt, tmp_path):
     assert os.path.exists(res["samples"]) and os.path.exists(tmp_path / "run" / "stages_final.png")
     saved = T.read_config(res["checkpoint"])
     assert saved["kind"] == "generator" and saved["model"]["latent_hw"] == [4, 4]
-    from nvg.sample_cli import main as sample_main
+    from nvg.sample.__main__ import main as sample_main
 
     out = tmp_path / "s.npz"
     sample_main(["--ckpt", str(tmp_path / "run"), "--classes", "1", "Trouser", "--n", "2", "--out", str(out),
@@ -141,7 +141,7 @@ def test_fsdp2_gloo_resume_is_exact(tokenizer_ckpt, tmp_path):
 
 
 def test_repa_with_user_supplied_dinov2(tokenizer_ckpt, tmp_path):
-    from nvg.dinov2 import DINOv2
+    from nvg.train.dinov2 import DINOv2
 
     torch.manual_seed(0)
     path = tmp_path / "dino.pt"
@@ -158,18 +158,18 @@ def test_repa_with_user_supplied_dinov2(tokenizer_ckpt, tmp_path):
 def test_main_job_keeps_to_its_budget(tmp_path, monkeypatch, capsys):
     """`python -m nvg.train` wiring: tokenizer, then the generator with what is left of the budget as its time cap;
     both write their pictures and the generator says where they are."""
-    from nvg import train
+    from nvg.train import main_job as train
 
     assert train.generator_minutes(14.0, 2.0) == pytest.approx(14.0 - 2.0 - train.MAIN_JOB_RESERVE_MINUTES)
     assert train.generator_minutes(14.0, 20.0) == 1.0  # an overlong tokenizer run still leaves the generator a minute
     seen = {}
-    real_main = __import__("nvg.train_generator", fromlist=["main"]).main
+    real_main = __import__("nvg.train.generator", fromlist=["main"]).main
 
     def spy(cfg):
         seen["cfg"] = cfg
         return real_main(cfg)
 
-    monkeypatch.setattr("nvg.train_generator.main", spy)
+    monkeypatch.setattr("nvg.train.generator.main", spy)
     t0 = time.time()
     res = train.main_job(str(tmp_path / "main"), budget_minutes=5.0,
                          tokenizer=dict(steps=3, batch_size=4, eval_images=16, image_every=3, ckpt_every=3),

@@ -9,10 +9,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from nvg import train as cli
-from nvg import trainer as T
+from nvg.train import __main__ as cli
+from nvg.train import common as T
 from nvg.tokenizer import Tokenizer
-from nvg.train_tokenizer import TrainConfig, main
+from nvg.train.tokenizer import TrainConfig, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
 
@@ -159,7 +159,7 @@ def test_cli_parses_into_the_dataclass():
                           "--max-minutes", "1.5"])
     assert mod.TrainConfig is TrainConfig
     assert (cfg.steps, cfg.amp, cfg.preset, cfg.max_minutes, cfg.resume) == (5, False, "test-ae-16px-4x4", 1.5, False)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unknown subcommand"):
         cli.parse(["nonsense"])
 
 
@@ -195,7 +195,7 @@ def test_ddp_gloo_two_processes(tmp_path):
 
 def lpips_weight_file(path):
     """Random weights in the torchvision VGG16 + lpips layout (the real ones cannot be downloaded here)."""
-    from nvg.lpips import LPIPS
+    from nvg.train.lpips import LPIPS
 
     torch.manual_seed(0)
     m = LPIPS()
@@ -206,7 +206,7 @@ def lpips_weight_file(path):
 
 
 def test_lpips_from_user_weights(tmp_path):
-    from nvg.lpips import LPIPS
+    from nvg.train.lpips import LPIPS
 
     spec = lpips_weight_file(tmp_path / "lpips.pth")
     lp = LPIPS.from_file(spec)
@@ -227,7 +227,7 @@ def test_lpips_from_user_weights(tmp_path):
 def test_tiny_preset_quality_guard(tmp_path):
     """Loose guard of the README figure: 250 steps of the main job's tokenizer settings (about 2 minutes on one
     core) already reach 17 dB validation PSNR on the embedded Fashion-MNIST; the full 10-minute run goes further."""
-    from nvg.train import MAIN_JOB_TOKENIZER
+    from nvg.train.main_job import MAIN_JOB_TOKENIZER
 
     cfg = TrainConfig(**{**MAIN_JOB_TOKENIZER, "steps": 250, "max_minutes": None, "eval_images": 256, "threads": 1,
                          "device": "cpu", "image_every": 250, "ckpt_every": 250, "out_dir": str(tmp_path / "tiny")})
@@ -237,7 +237,7 @@ def test_tiny_preset_quality_guard(tmp_path):
 
 
 def test_dino_discriminator_from_user_weights(tmp_path):
-    from nvg.dino_disc import DinoDiscriminator, FrozenViT, diff_augment
+    from nvg.train.dino_disc import DinoDiscriminator, FrozenViT, diff_augment
 
     torch.manual_seed(0)
     vit = FrozenViT(depth=3, key_depths=(2,))  # a truncated random ViT-S/16 in the DINO key layout

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from nvg.baselines.var.checkpoint import load_var, official_var_state_dict, var_config_from_state_dict
+from nvg.baselines.var.convert import load_var, official_var_state_dict, var_config_from_state_dict
 from nvg.baselines.var.model import VAR, VARConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from nvg.baselines.var.checkpoint import load_var, load_vqvae
+from nvg.baselines.var.convert import load_var, load_vqvae
 from nvg.baselines.var.graphs import GraphedSampler
 from nvg.baselines.var.model import VAR
 from nvg.baselines.var.sample import filter_top_k_top_p, make_caches, sample, sample_indices, sample_indices_recompute

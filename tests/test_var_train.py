@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from nvg import trainer as T
+from nvg.train import common as T
 from nvg.baselines.var.train import TrainConfig, load_tokenizer, main
-from nvg.train import parse
+from nvg.train.__main__ import parse
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nvg.data import load_dataset
-from nvg.fd_proxy import WEIGHTS_PATH, ProxyCNN
+from nvg.eval.fd_proxy import WEIGHTS_PATH, ProxyCNN
 
 EPOCHS, BATCH, LR, WEIGHT_DECAY, SEED, SHIFT = 15, 128, 3e-3, 5e-4, 0, 2
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nvg import trainer as T
+from nvg.train import common as T
 
-from .checkpoint import load_vqvae
+from .convert import load_vqvae
 from .model import VAR, VAR_PRESETS, VARConfig
 from .sample import check_pair, sample
 from .train_common import RunState, adamw_groups

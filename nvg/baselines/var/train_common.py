@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nvg import trainer as T
+from nvg.train import common as T
 
 
 class RunState:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nvg import trainer as T
-from nvg.discriminator import PatchDiscriminator, generator_loss, hinge_d_loss
-from nvg.metrics import codebook_usage, psnr
+from nvg.train import common as T
+from nvg.train.discriminator import PatchDiscriminator, generator_loss, hinge_d_loss
+from nvg.eval.metrics import codebook_usage, psnr
 
 from .train_common import RunState
 from .vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig

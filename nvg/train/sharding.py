@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import trainer as T
-from .model import GeneratorConfig, NVGGenerator
+from . import common as T
+from ..model import GeneratorConfig, NVGGenerator
 
 
 def shard(model: NVGGenerator) -> None:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .quantizer import VGS
-from .sample import SampleConfig, Sampler
-from .structure import check_nested, split_clusters
+from ..quantizer import VGS
+from ..structure import check_nested, split_clusters
+from .sampler import SampleConfig, Sampler
 
 
 def as_structure(maps: Tensor, latent_hw: tuple[int, int]) -> Tensor:
@@ -63,7 +63,7 @@ def mask_to_structure(mask: Tensor, latent_hw: tuple[int, int]) -> Tensor:
 def structure_guided(sampler: Sampler, classes: Tensor, structure: Tensor, sc: SampleConfig | None = None,
                      seed: int | None = None) -> VGS:
     """Generate `classes` (B,) following fixed label maps `structure` (B or 1, S', h, w / N) for stages 0..S'-1."""
-    maps = as_structure(structure, sampler.model.cfg.latent_hw)
+    maps = as_structure(structure, sampler.model.config.latent_hw)
     classes = torch.as_tensor(classes)
     if maps.shape[0] == 1 and classes.shape[0] > 1:
         maps = maps.expand(classes.shape[0], -1, -1)
@@ -76,7 +76,7 @@ def structure_guided(sampler: Sampler, classes: Tensor, structure: Tensor, sc: S
 def structure_transfer(sampler: Sampler, tokenizer, images: Tensor, classes: Tensor, stages: int = 3,
                        sc: SampleConfig | None = None, seed: int | None = None) -> VGS:
     """Reuse the label maps of stages 0..stages-1 of reference images (B, 3, H, W) to generate `classes` (B,)."""
-    S = sampler.model.cfg.num_stages
+    S = sampler.model.config.num_stages
     if not 1 <= stages <= S:
         raise ValueError(f"stages must be in [1, {S}], got {stages}")
     ref = tokenizer.encode(images.to(sampler.quantizer.embedding.weight.device))
@@ -88,7 +88,7 @@ def regenerate(sampler: Sampler, tokenizer, images: Tensor, keep_stages: int, cl
                keep_structure_only: bool = False, sc: SampleConfig | None = None, seed: int | None = None) -> VGS:
     """Stage-wise regeneration: keep stages < keep_stages (content and structure, or the structure only) of each
     reference image's sequence and generate the remaining stages for `classes` (B,) (same or other classes)."""
-    S = sampler.model.cfg.num_stages
+    S = sampler.model.config.num_stages
     if not 1 <= keep_stages < S:
         raise ValueError(f"keep_stages must be in [1, {S - 1}], got {keep_stages}")
     ref = tokenizer.encode(images.to(sampler.quantizer.embedding.weight.device))

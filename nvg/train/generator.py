@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import trainer as T
-from .model import GeneratorConfig, NVGGenerator, generator_loss
-from .quantizer import VGS
-from .sample import SampleConfig, Sampler
-from .sample_cli import load_tokenizer
+from . import common as T
+from ..model import GeneratorConfig, NVGGenerator, generator_loss
+from ..quantizer import VGS
+from ..sample import SampleConfig, Sampler
+from ..sample.__main__ import load_tokenizer
 from .sharding import CheckpointWeights, ema_model, ema_update, full_weights, load_optimizer, optimizer_state, shard
-from .tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -133,7 +133,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def main(cfg: TrainConfig) -> dict:
-    from .data import load_dataset
+    from ..data import load_dataset
 
     if cfg.steps < 1 or cfg.batch_size < 1 or not 0 <= cfg.null_class_prob < 1:
         raise ValueError(f"need steps, batch_size >= 1 and null_class_prob in [0, 1), got {cfg.steps}, "
@@ -143,7 +143,7 @@ def main(cfg: TrainConfig) -> dict:
     d = T.init_distributed(cfg.device)
     dev, out = d.device, Path(cfg.out_dir)
     tok, tok_ckpt = load_tokenizer(cfg.tokenizer, dev)
-    tcfg = tok.cfg
+    tcfg = tok.config
     train_set = load_dataset(cfg.dataset, "train", tcfg.image_size)
     num_classes = getattr(train_set, "num_classes", None) or len(train_set.class_names)
     class_names = list(getattr(train_set, "class_names", []))

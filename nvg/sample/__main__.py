@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from . import control
-from . import trainer as T
-from .model import GeneratorConfig, NVGGenerator
-from .quantizer import VGS
-from .sample import SampleConfig, Sampler
-from .tokenizer import Tokenizer, TokenizerConfig
+from ..train import common as T
+from ..model import GeneratorConfig, NVGGenerator
+from ..quantizer import VGS
+from .sampler import SampleConfig, Sampler
+from ..tokenizer import Tokenizer, TokenizerConfig
 
 
 def load_tokenizer(path: str, device) -> tuple[Tokenizer, str]:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--n and --batch-size must be >= 1")
     model, tok, config = load_generator(a.ckpt, ema=not a.no_ema, device=a.device)
     names = config.get("class_names") or []
-    nc = model.cfg.num_classes
+    nc = model.config.num_classes
     classes = parse_classes(a.classes, names, nc) if a.classes else list(range(nc))
     sampler = Sampler(model, tok.quantize, fast=a.fast)
     sc = SampleConfig(content_cfg=tuple(a.content_cfg), structure_cfg=tuple(a.structure_cfg), top_p=tuple(a.top_p),
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     y_all = torch.tensor(classes).repeat_interleave(a.n)
     refs = None
     if a.structure_from or a.regenerate_from:
-        refs = read_images(a.structure_from or a.regenerate_from, tok.cfg.image_size)
+        refs = read_images(a.structure_from or a.regenerate_from, tok.config.image_size)
         refs = refs[torch.arange(len(y_all)) % len(refs)]
-    maps = read_structure(a.structure_map, model.cfg.latent_hw) if a.structure_map else None
+    maps = read_structure(a.structure_map, model.config.latent_hw) if a.structure_map else None
     images, seqs = [], []
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device.startswith("cuda") and not a.no_bf16)
     for s in range(0, len(y_all), a.batch_size):
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         first = seqs[0]
         k = min(8, len(first.tokens[0]))
         sub = VGS([t[:k] for t in first.tokens], first.labels[:k], first.canvas[:k], first.f_hat[:k])
-        T.save_image_grid(progression(tok, sub), a.stages, nrow=2 * model.cfg.num_stages,
+        T.save_image_grid(progression(tok, sub), a.stages, nrow=2 * model.config.num_stages,
                           scale=max(1, 128 // images.shape[-1]))
         print(f"wrote the per-stage progression (structure map, decoded canvas after each stage) to {a.stages}")
         result["stages"] = a.stages

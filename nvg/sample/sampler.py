@@ -5,8 +5,8 @@ Modified from: github.com/Yikai-Wang/nvg (`NVGformer.generate`, `structure_sampl
 `top_k_top_p_filtering`, `get_schedule` in nvgflow.py; `negative_log_sequence`, `generate_images` in eval_gen.py /
 generator.py), and HF transformers' `top_k_top_p_filtering`.
 Control (spec §7) is part of the same loop: fixed label maps for the first stages (structure-guided generation,
-structure transfer) and fixed tokens for the first stages (stage-wise regeneration); see nvg/control.py.
-The command line (`python -m nvg.sample`) lives in nvg/sample_cli.py.
+structure transfer) and fixed tokens for the first stages (stage-wise regeneration); see nvg/sample/control.py.
+The command line (`python -m nvg.sample`) lives in nvg/sample/__main__.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import NVGGenerator
-from .quantizer import VGS, MultiGranularityQuantizer
-from .structure import check_nested, split_clusters, structure_embedding
+from ..model import NVGGenerator
+from ..quantizer import VGS, MultiGranularityQuantizer
+from ..structure import check_nested, split_clusters, structure_embedding
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Sampler:
     """
 
     def __init__(self, model: NVGGenerator, quantizer: MultiGranularityQuantizer, fast: bool = False):
-        cfg = model.cfg
+        cfg = model.config
         if quantizer.num_stages != cfg.num_stages or quantizer.dim != cfg.latent_dim or \
                 quantizer.codebook_size != cfg.vocab_size:
             raise ValueError(f"generator (stages {cfg.num_stages}, C {cfg.latent_dim}, V {cfg.vocab_size}) does not "
@@ -154,7 +154,7 @@ class Sampler:
         """Content pass of one stage -> (x0_hat of the conditional half (B, N, C), post-CFG logits (B, 2**i, V))."""
         m, B = self.model, y_B.shape[0]
         if use_cfg:
-            y2 = torch.cat([y_B, torch.full_like(y_B, m.cfg.num_classes)])
+            y2 = torch.cat([y_B, torch.full_like(y_B, m.config.num_classes)])
             canvas2, labels2 = canvas_BNC.repeat(2, 1, 1), labels_BN.repeat(2, 1)
         else:
             y2, canvas2, labels2 = y_B, canvas_BNC, labels_BN
@@ -166,7 +166,7 @@ class Sampler:
     def structure_stage(self, canvas_next_BNC, labels_BN, content_ids, y_B, eps_BNK, stage, scale, use_cfg, times,
                         gumbel=False, generator=None, trace=None):
         """Rectified-flow inpainting of the structure embedding given the canvas after `stage` -> labels of stage+1."""
-        m, B, K = self.model, y_B.shape[0], self.model.cfg.K
+        m, B, K = self.model, y_B.shape[0], self.model.config.K
         if stage == K - 1:  # two positions per parent: split by the fixed noise, no model (official)
             if trace is not None:
                 trace.setdefault("z_final_ch", []).append(eps_BNK[..., stage].clone())
@@ -174,7 +174,7 @@ class Sampler:
         s = structure_embedding(labels_BN, stage, K).to(eps_BNK.dtype) - 1  # (B, N, K) in {-1, 0, 1}
         z = torch.cat([s[..., :stage], eps_BNK[..., stage:]], -1)
         if use_cfg:
-            y2 = torch.cat([y_B, torch.full_like(y_B, m.cfg.num_classes)])
+            y2 = torch.cat([y_B, torch.full_like(y_B, m.config.num_classes)])
             canvas2, ids2 = canvas_next_BNC.repeat(2, 1, 1), content_ids.repeat(2, 1, 1)
         else:
             y2, canvas2, ids2 = y_B, canvas_next_BNC, content_ids
@@ -214,7 +214,7 @@ class Sampler:
             VGS with tokens (list of (B, 2**i)), labels (B, S, N), canvas (B, S, N, C) (stage inputs), f_hat (B, N, C).
         """
         sc = sc or SampleConfig()
-        m, q, cfg = self.model, self.quantizer, self.model.cfg
+        m, q, cfg = self.model, self.quantizer, self.model.config
         S, N, K, C = cfg.num_stages, cfg.num_positions, cfg.K, cfg.latent_dim
         dev = next(m.parameters()).device
         classes_B = torch.as_tensor(classes_B, device=dev)
@@ -283,8 +283,3 @@ class Sampler:
                     raise ValueError(f"fixed tokens of stage {i} must be ({B}, {2**i}), got {tuple(t.shape)}")
         return structure.shape[1]
 
-
-if __name__ == "__main__":
-    from .sample_cli import main
-
-    main()

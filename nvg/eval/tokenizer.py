@@ -5,7 +5,7 @@
 import torch
 from torch.utils.data import Dataset
 
-from .eval import batches, inception_net, proxy_net
+from .features import batches, inception_net, proxy_net
 from .metrics import codebook_usage, frechet_distance_features, psnr, ssim
 
 
@@ -84,7 +84,7 @@ def format_tokenizer(r: dict) -> str:
 
 def load_tokenizer_checkpoint(path: str, raw: bool = False, device="cpu"):
     """A Tokenizer (EMA weights when the run kept them, unless raw) from a run or checkpoint directory."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint(path, ema=not raw).to(device).eval()
 

@@ -1,41 +1,22 @@
 """Offline evaluation: FD-proxy, FID, precision/recall and class accuracy of samples; reconstruction metrics of the
 tokenizer. Nothing is downloaded.
-
-    python -m nvg.eval --samples samples.npz [--reference fashion-mnist] [--fid] [--n 1000] [--classes 0 3]
-    python -m nvg.eval tokenizer --ckpt runs/tokenizer [--dataset fashion-mnist] [--n 1000] [--fid]
-
-Every number is printed with its sample count and its floor: the same metric between two sets of real images of
-the same size (held-out real images against the reference), the value a perfect generator would get at that count.
-Reference: a dataset name from nvg.data (its `train` split is the reference, its `val` split gives the floor) or a
-folder / .npz of images (with train/ and val/ sub-folders, used the same way; otherwise a fixed random half of it
-gives the floor and the other half is the reference). Features of named datasets are cached in --cache-dir.
 """
-import argparse
 import hashlib
-import json
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from .data import DATASET_NAMES, ImageFolderDataset, load_dataset
-from .data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
-from .data.fashion_mnist import EMBEDDED_NPZ
-from .data.folder import IMAGE_EXTENSIONS
-from .fd_proxy import WEIGHTS_PATH, load_proxy_cnn
-from .inception import INSTALL_HINT, InceptionFeatures, inception_available
+from ..data import DATASET_NAMES, ImageFolderDataset, load_dataset
+from ..data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
+from ..data.fashion_mnist import EMBEDDED_NPZ
+from ..data.folder import IMAGE_EXTENSIONS
+from .features import FeatureNet, default_cache_dir, inception_net, proxy_net
 from .metrics import feature_stats, frechet_distance_features, precision_recall
 
 FASHION = ("fashion-mnist", "fashion-mnist-full")  # the label set the FD-proxy classifier knows
 CACHE_VERSION = 1  # bump when feature extraction changes
-
-
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("NVG_CACHE_DIR") or os.path.join(base, "nvg")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -87,48 +68,6 @@ def load_images(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     parents = [os.path.basename(os.path.dirname(f)) for f in files]
     labels = torch.tensor([int(p) for p in parents]) if all(p.isdigit() for p in parents) else None
     return images, labels
-
-
-def batches(source, batch_size: int):
-    """Float [B,C,H,W] batches in [-1,1] from a uint8 tensor [N,C,H,W], a float tensor, or a Dataset."""
-    if isinstance(source, torch.Tensor):
-        for i in range(0, source.shape[0], batch_size):
-            x = source[i : i + batch_size]
-            yield x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
-    elif isinstance(source, Dataset):
-        for x, _ in DataLoader(source, batch_size=batch_size, shuffle=False):
-            yield x
-    else:
-        raise TypeError(f"expected an image tensor or a Dataset, got {type(source).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Feature networks
-# ----------------------------------------------------------------------------------------------------------------------
-class FeatureNet:
-    """A frozen feature extractor: `name` for reports, `key` for the cache, `fn(float images) -> [B,D]`."""
-
-    def __init__(self, name: str, key: str, fn, device):
-        self.name, self.key, self.fn, self.device = name, key, fn, torch.device(device)
-
-    @torch.inference_mode()
-    def __call__(self, source, batch_size: int = 100) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        total = -(-len(source) // batch_size)
-        bar = tqdm(batches(source, batch_size), total=total, desc=self.key, leave=False, disable=None)  # TTY only
-        return torch.cat([self.fn(x.to(self.device)).float().cpu() for x in bar])
-
-
-def proxy_net(device="cpu") -> tuple[FeatureNet, torch.nn.Module]:
-    cnn = load_proxy_cnn(device=device)
-    with open(WEIGHTS_PATH, "rb") as f:
-        key = "fdproxy-" + hashlib.sha1(f.read()).hexdigest()[:10]
-    return FeatureNet("FD-proxy (not FID)", key, cnn.features, device), cnn
-
-
-def inception_net(device="cpu") -> FeatureNet:
-    return FeatureNet("FID (Inception-v3 2015-12-05)", "incv3-20151205", InceptionFeatures(device), device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,71 +266,3 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"| {r['metric']} | {num(r['value'])} | {r['n']} | {num(r['floor'])} | {r['floor_n'] or ''} |")
     notes = sorted({r["note"] for r in rows if r["note"]})
     return "\n".join(lines + [""] + [f"- {t}" for t in notes])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------------
-def _write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fid", action="store_true", help=f"also FID with Inception-v3 (needs `{INSTALL_HINT}`)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="also write the results to this JSON file")
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["tokenizer"]:
-        p = argparse.ArgumentParser(prog="python -m nvg.eval tokenizer", description="Evaluate a tokenizer checkpoint")
-        p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or checkpoint dir")
-        p.add_argument("--raw", action="store_true", help="use the raw weights (default: EMA when kept)")
-        p.add_argument("--dataset", default="fashion-mnist")
-        p.add_argument("--split", default="val")
-        p.add_argument("--n", type=int, default=1000)
-        _common(p)
-        a = p.parse_args(argv[1:])
-        if a.fid and not inception_available():
-            p.error(f"--fid needs the Inception weights: {INSTALL_HINT}")
-        from .eval_tokenizer import evaluate_tokenizer, format_tokenizer, load_tokenizer_checkpoint
-
-        try:
-            tok = load_tokenizer_checkpoint(a.ckpt, a.raw, a.device)
-            ds = load_dataset(a.dataset, a.split, tok.cfg.image_size)
-            res = evaluate_tokenizer(tok, ds, a.n, a.batch_size, a.fid, a.device)
-        except (ValueError, FileNotFoundError) as e:
-            p.error(str(e))
-        print(f"tokenizer {a.ckpt} on {a.dataset} {a.split}\n\n{format_tokenizer(res)}")
-    else:
-        p = argparse.ArgumentParser(prog="python -m nvg.eval", description="Evaluate generated images (FD-proxy, "
-                                    "precision/recall, class accuracy, FID with --fid) against a reference set")
-        p.add_argument("--samples", required=True, help=".npz (images [N,H,W,3] uint8, optional labels) or folder")
-        p.add_argument("--reference", default="fashion-mnist", help=f"one of {DATASET_NAMES}, a folder or a .npz")
-        p.add_argument("--n", type=int, help="use the first n samples (default: all)")
-        p.add_argument("--ref-n", type=int, help="use the first ref-n reference images (default: all)")
-        p.add_argument("--classes", type=int, nargs="+", help="keep only samples of these labels")
-        p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
-        p.add_argument("--cache-dir", default=None, help=f"reference feature cache (default {default_cache_dir()})")
-        _common(p)
-        a = p.parse_args(argv)
-        if a.fid and not inception_available():
-            p.error(f"--fid needs the Inception weights: {INSTALL_HINT}")
-        try:
-            images, labels = load_images(a.samples)
-            res = evaluate_samples(images, labels, a.reference, a.fid, a.n, a.classes, a.ref_n, a.cache_dir,
-                                   a.batch_size, a.device, a.k)
-        except (ValueError, FileNotFoundError) as e:
-            p.error(str(e))
-        print(f"samples {a.samples} against {a.reference}\n\n{format_rows(res)}")
-    if a.json:
-        _write_json(a.json, res)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTS_PATH = os.path.join(os.path.dirname(__file__), "assets", "fd_proxy_cnn.safetensors")
+WEIGHTS_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "fd_proxy_cnn.safetensors")
 INPUT_SIZE = 32
 FEATURE_DIM = 128
 

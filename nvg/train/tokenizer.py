@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import trainer as T
+from . import common as T
 from .discriminator import PatchDiscriminator, generator_loss, hinge_d_loss
-from .metrics import codebook_usage, psnr, ssim
-from .tokenizer import Tokenizer, TokenizerConfig
+from ..eval.metrics import codebook_usage, psnr, ssim
+from ..tokenizer import Tokenizer, TokenizerConfig
 
 
 @dataclass
@@ -95,7 +95,7 @@ def evaluate(model: Tokenizer, dataset, n: int, batch_size: int, device) -> dict
         for i, t in enumerate(vgs.tokens):
             toks[i].append(t.cpu())
     model.train()
-    V = model.cfg.codebook_size
+    V = model.config.codebook_size
     usage = [codebook_usage(t, V)["usage"] for t in toks]
     return {"psnr": torch.cat(ps).mean().item(), "ssim": torch.cat(ss).mean().item(), "usage_per_stage": usage,
             "usage_all_stages": codebook_usage([t for ts in toks for t in ts], V)["usage"], "images": n}
@@ -117,7 +117,7 @@ def write_images(model: Tokenizer, x: torch.Tensor, out_dir: Path, tag: str) -> 
 
 
 def main(cfg: TrainConfig) -> dict:
-    from .data import load_dataset
+    from ..data import load_dataset
 
     _validate(cfg)
     if cfg.threads:
