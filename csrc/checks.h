@@ -2,6 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+#include <vector>
+
 namespace nvg {
 
 // Non-finite values would make every distance comparison false: reject them instead of returning arbitrary labels.
@@ -50,6 +53,37 @@ inline void check_cluster_quantize(const at::Tensor& residual, const at::Tensor&
   TORCH_CHECK(residual.device() == labels.device() && residual.device() == codebook.device(),
               "cluster_quantize: residual (", residual.device(), "), labels (", labels.device(), ") and codebook (",
               codebook.device(), ") must be on the same device");
+}
+
+inline void check_codebook(const at::Tensor& codebook) {
+  TORCH_CHECK(codebook.dim() == 2, "cluster_quantize_prepare: codebook must be a 2-D tensor [V, C], got shape ",
+              codebook.sizes());
+  TORCH_CHECK(at::isFloatingType(codebook.scalar_type()),
+              "cluster_quantize_prepare: codebook must be floating-point, got ", codebook.scalar_type());
+  TORCH_CHECK(codebook.size(0) > 0, "cluster_quantize_prepare: the codebook is empty (V = 0)");
+  TORCH_CHECK(codebook.is_contiguous(), "cluster_quantize_prepare: codebook must be contiguous; call .contiguous()");
+}
+
+// The `prepared` list of cluster_quantize must come from cluster_quantize_prepare of this codebook on this device:
+// metadata only (shapes, dtypes, device), no device sync. Stale values (a codebook changed in place after
+// preparing) cannot be detected here: prepare again after every codebook update.
+inline void check_prepared(const std::vector<at::Tensor>& prep, const at::Tensor& codebook,
+                           std::initializer_list<std::vector<int64_t>> shapes,
+                           std::initializer_list<at::ScalarType> dtypes) {
+  TORCH_CHECK(prep.size() == shapes.size(), "cluster_quantize: prepared must be the ", shapes.size(),
+              " tensors returned by cluster_quantize_prepare(codebook), got ", prep.size());
+  size_t i = 0;
+  auto dt = dtypes.begin();
+  for (const auto& shape : shapes) {
+    const at::Tensor& t = prep[i];
+    TORCH_CHECK(t.device() == codebook.device() && t.sizes() == at::IntArrayRef(shape) && t.scalar_type() == *dt &&
+                    t.is_contiguous(),
+                "cluster_quantize: prepared[", i, "] (", t.scalar_type(), " ", t.sizes(), " on ", t.device(),
+                ") does not belong to a codebook of shape ", codebook.sizes(), " on ", codebook.device(),
+                ": prepare it with cluster_quantize_prepare(codebook) on the same device");
+    ++i;
+    ++dt;
+  }
 }
 
 }  // namespace nvg

@@ -1,5 +1,8 @@
 // cluster_quantize, CPU: per-cluster mean of the residual and the index of its nearest code (L2, lowest index on ties).
 //
+// The codebook's derived arrays (double copy, norms, float32 tiles) come from nvg::cluster_quantize_prepare, computed
+// once per codebook by the caller (the quantizer prepares once per forward for its 9 stage calls), or here when not
+// given. validate=false skips the finiteness checks; on the CPU the label range is checked inline in any case.
 // Phase 1 (per image): sums in double over the members of each cluster, divided by the count (an empty cluster has
 // mean 0, as the official clamp(count, min=1) gives).
 // Phase 2 (blocks of 4 clusters): a float32 pass over the whole codebook scores s_v = |e_v|^2 - 2 r.e_v (|r|^2 is common to
@@ -86,48 +89,62 @@ int64_t nearest_code_exact(const double* r, const double* E, const double* ee, i
   return arg;
 }
 
+// Codebook preparation, once per codebook version (nvg::cluster_quantize_prepare): [E64 [V, C] double, ee64 [V]
+// double (|e|^2 summed in channel order, as the CUDA kernel does, so the exact rescoring is bit-identical on both
+// devices), tiles [Vp * C] float (kVB codes per tile, channel-major inside: [V/kVB][C][kVB]), ee_pad [Vp] float
+// (padded codes score +inf), max_ee [] double].
+std::vector<at::Tensor> prepare_cpu(const at::Tensor& codebook) {
+  check_codebook(codebook);
+  const int64_t V = codebook.size(0), C = codebook.size(1);
+  const at::Tensor E64 = codebook.to(at::kDouble).contiguous();
+  at::Tensor ee64 = at::empty({V}, E64.options());
+  const double* e = E64.data_ptr<double>();
+  double* eep = ee64.data_ptr<double>();
+  for (int64_t v = 0; v < V; ++v) {
+    double acc = 0.0;
+    for (int64_t c = 0; c < C; ++c) acc += e[v * C + c] * e[v * C + c];
+    eep[v] = acc;
+  }
+  const int64_t Vp = (V + kVB - 1) / kVB * kVB;
+  const auto fopt = codebook.options().dtype(at::kFloat);
+  at::Tensor tiles = at::zeros({Vp * C}, fopt);
+  at::Tensor ee_pad = at::full({Vp}, std::numeric_limits<float>::infinity(), fopt);
+  const at::Tensor E32 = codebook.to(at::kFloat).contiguous();
+  const float* e32 = E32.data_ptr<float>();
+  float* tp = tiles.data_ptr<float>();
+  float* pp = ee_pad.data_ptr<float>();
+  for (int64_t v = 0; v < V; ++v) {
+    pp[v] = static_cast<float>(eep[v]);
+    for (int64_t c = 0; c < C; ++c) tp[(v / kVB) * C * kVB + c * kVB + v % kVB] = e32[v * C + c];
+  }
+  return {E64, ee64, tiles, ee_pad, ee64.max()};
+}
+
 std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residual, const at::Tensor& labels,
-                                                        int64_t num_clusters, const at::Tensor& codebook) {
+                                                        int64_t num_clusters, const at::Tensor& codebook,
+                                                        std::optional<at::TensorList> prepared_opt, bool validate) {
   check_cluster_quantize(residual, labels, num_clusters, codebook);
   const int64_t B = residual.size(0), N = residual.size(1), C = residual.size(2), V = codebook.size(0);
   const int64_t n = num_clusters;
-  const at::Tensor lab = labels.contiguous();
-  {
-    auto mm = at::aminmax(lab);
-    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < n, "cluster_quantize: labels must lie in [0, num_clusters = ", n, "), found values in [",
-                lo, ", ", hi, "]");
-  }
-  const at::Tensor x = residual.to(at::kDouble).contiguous();
-  const at::Tensor E64 = codebook.to(at::kDouble).contiguous();
-  check_finite(x, "cluster_quantize", "residual");
-  check_finite(E64, "cluster_quantize", "codebook");
-  // |e_v|^2 summed in channel order (as the CUDA kernel does), so the exact rescoring is bit-identical on both devices
-  at::Tensor ee64 = at::empty({V}, E64.options());
-  {
-    const double* e = E64.data_ptr<double>();
-    double* out = ee64.data_ptr<double>();
-    for (int64_t v = 0; v < V; ++v) {
-      double acc = 0.0;
-      for (int64_t c = 0; c < C; ++c) acc += e[v * C + c] * e[v * C + c];
-      out[v] = acc;
-    }
-  }
-  const at::Tensor ee32 = ee64.to(at::kFloat);
-  const double max_ee = ee64.max().item<double>();
-  const double max_enorm = std::sqrt(max_ee);
-  // Codebook in tiles of kVB codes, channel-major inside a tile ([V/kVB][C][kVB]); padded codes score +inf.
   const int64_t Vp = (V + kVB - 1) / kVB * kVB;
-  std::vector<float> tiles(Vp * C, 0.0f), ee_pad(Vp, std::numeric_limits<float>::infinity());
-  {
-    const at::Tensor E32 = codebook.to(at::kFloat).contiguous();
-    const float* e32 = E32.data_ptr<float>();
-    const float* eep = ee32.data_ptr<float>();
-    for (int64_t v = 0; v < V; ++v) {
-      ee_pad[v] = eep[v];
-      for (int64_t c = 0; c < C; ++c) tiles[(v / kVB) * C * kVB + c * kVB + v % kVB] = e32[v * C + c];
-    }
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor x = residual.to(at::kDouble).contiguous();
+  if (validate) {
+    check_finite(x, "cluster_quantize", "residual");
+    check_finite(codebook, "cluster_quantize", "codebook");
   }
+  std::vector<at::Tensor> prep;
+  if (prepared_opt.has_value()) {
+    prep = prepared_opt.value().vec();
+    check_prepared(prep, codebook, {{V, C}, {V}, {Vp * C}, {Vp}, {}},
+                   {at::kDouble, at::kDouble, at::kFloat, at::kFloat, at::kDouble});
+  } else {
+    prep = prepare_cpu(codebook);
+  }
+  const double max_ee = prep[4].item<double>();  // a CPU scalar: no device sync
+  const double max_enorm = std::sqrt(max_ee);
+  const float* tiles = prep[2].data_ptr<float>();
+  const float* ee_pad = prep[3].data_ptr<float>();
 
   at::Tensor means64 = at::zeros({B, n, C}, x.options());
   at::Tensor ids = at::empty({B, n}, labels.options());
@@ -141,6 +158,8 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residu
       double* m = mp + b * n * C;
       for (int64_t p = 0; p < N; ++p) {
         const int64_t l = lp[b * N + p];
+        TORCH_CHECK(l >= 0 && l < n, "cluster_quantize: labels must lie in [0, num_clusters = ", n, "), found ", l,
+                    " at [", b, ", ", p, "]");
         ++count[l];
         const double* xr = xp + (b * N + p) * C;
         for (int64_t c = 0; c < C; ++c) m[l * C + c] += xr[c];
@@ -154,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residu
     }
   });
 
-  const double* E = E64.data_ptr<double>();
-  const double* eed = ee64.data_ptr<double>();
+  const double* E = prep[0].data_ptr<double>();
+  const double* eed = prep[1].data_ptr<double>();
   int64_t* ip = ids.data_ptr<int64_t>();
   // float32 rounding of s_v is below (C + 4) u (|e|^2 + 2 |r| |e|) with u = 2^-24 (r itself is rounded to float32
   // too); two scores can swap order only if they are within twice that.
@@ -176,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residu
       }
       float best[kQB], second[kQB];
       int64_t arg[kQB];
-      score_block(r32.data(), C, tiles.data(), ee_pad.data(), Vp, best, second, arg);
+      score_block(r32.data(), C, tiles, ee_pad, Vp, best, second, arg);
       for (int64_t q = 0; q < qn; ++q) {
         const double scale = max_ee + 2.0 * std::sqrt(rnorm[q]) * max_enorm;  // bounds |s_v| and its partial sums
         const double tol = 2.0 * (double(C) + 6.0) * u * scale + 1e-30;
@@ -192,6 +211,9 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cpu(const at::Tensor& residu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nvg, CPU, m) { m.impl("cluster_quantize", &cluster_quantize_cpu); }
+TORCH_LIBRARY_IMPL(nvg, CPU, m) {
+  m.impl("cluster_quantize_prepare", &prepare_cpu);
+  m.impl("cluster_quantize", &cluster_quantize_cpu);
+}
 
 }  // namespace nvg

@@ -18,5 +18,10 @@ TORCH_LIBRARY(nvg, m) {
   m.def("granularity_cluster(Tensor f, bool validate=True) -> Tensor");
   // residual: float[B, N, C], labels: long[B, N] in [0, num_clusters), codebook: float[V, C]
   //   -> (ids: long[B, num_clusters], means: float[B, num_clusters, C])
-  m.def("cluster_quantize(Tensor residual, Tensor labels, int num_clusters, Tensor codebook) -> (Tensor, Tensor)");
+  // prepared: cluster_quantize_prepare(codebook), computed once per codebook version (else prepared per call);
+  // validate=false skips the value checks that need a device-to-host sync (label range on CUDA, finiteness).
+  m.def("cluster_quantize(Tensor residual, Tensor labels, int num_clusters, Tensor codebook, Tensor[]? prepared=None, "
+        "bool validate=True) -> (Tensor, Tensor)");
+  // codebook: float[V, C] -> the derived arrays of the search (layout per device; opaque to callers)
+  m.def("cluster_quantize_prepare(Tensor codebook) -> Tensor[]");
 }

@@ -6,7 +6,8 @@ Each op `<op>` is `torch.ops.nvg.<op>` (C++ CPU kernel in csrc/<op>.cpp, CUDA ke
 import torch
 from torch import Tensor
 
-__all__ = ["granularity_cluster", "granularity_cluster_ref", "cluster_quantize", "cluster_quantize_ref"]
+__all__ = ["granularity_cluster", "granularity_cluster_ref", "cluster_quantize", "cluster_quantize_ref",
+           "prepare_codebook"]
 
 
 # ------------------------------------------------------------------------------------------------ granularity_cluster
@@ -77,20 +78,33 @@ def granularity_cluster_ref(f: Tensor, dtype: torch.dtype = torch.float64) -> Te
 
 
 # ---------------------------------------------------------------------------------------------------- cluster_quantize
-def cluster_quantize(residual: Tensor, labels: Tensor, num_clusters: int, codebook: Tensor) -> tuple[Tensor, Tensor]:
+def cluster_quantize(residual: Tensor, labels: Tensor, num_clusters: int, codebook: Tensor,
+                     prepared: list[Tensor] | None = None, validate: bool = True) -> tuple[Tensor, Tensor]:
     """Mean residual of every cluster and the index of its nearest code (L2, lowest index on ties).
 
     Args:
         residual: float[B, N, C]; labels: long[B, N] in [0, num_clusters); codebook: float[V, C].
+        prepared: `prepare_codebook(codebook)`, computed once per codebook version and passed to every call that
+            uses that codebook (the quantizer prepares once per forward for its K+1 stages); None prepares here.
+            Stale preparations (codebook changed in place afterwards) are not detected: prepare again.
+        validate: check label range and finiteness (on CUDA two device-to-host syncs; no CUDA-graph capture).
+            False for callers that validated upstream: shapes, dtypes and devices are still checked; on CUDA a
+            label outside [0, num_clusters) then joins no cluster, on the CPU it still raises.
     Returns:
         ids: long[B, num_clusters]; means: [B, num_clusters, C] in residual's dtype (an empty cluster's mean is 0).
         Equivalent to `cluster_quantize_ref`; the CUDA kernel never materialises the B x n x V distances.
     """
-    return torch.ops.nvg.cluster_quantize.default(residual, labels, num_clusters, codebook)
+    return torch.ops.nvg.cluster_quantize.default(residual, labels, num_clusters, codebook, prepared, validate)
+
+
+def prepare_codebook(codebook: Tensor) -> list[Tensor]:
+    """The codebook-derived arrays of `cluster_quantize` (double copy, norms, float32 tiles; layout per device).
+    Device work only, no host sync: call it once per codebook version, outside the per-stage loop."""
+    return torch.ops.nvg.cluster_quantize_prepare.default(codebook)
 
 
 @torch.library.register_fake("nvg::cluster_quantize")
-def _cluster_quantize_fake(residual, labels, num_clusters, codebook):
+def _cluster_quantize_fake(residual, labels, num_clusters, codebook, prepared=None, validate=True):
     torch._check(residual.dim() == 3,
                  lambda: f"cluster_quantize: residual must be [B, N, C], got {tuple(residual.shape)}")
     torch._check(
@@ -100,6 +114,19 @@ def _cluster_quantize_fake(residual, labels, num_clusters, codebook):
     )
     B, C = residual.shape[0], residual.shape[2]
     return labels.new_empty((B, num_clusters)), residual.new_empty((B, num_clusters, C))
+
+
+@torch.library.register_fake("nvg::cluster_quantize_prepare")
+def _cluster_quantize_prepare_fake(codebook):
+    V, C = codebook.shape
+    d, f = dict(dtype=torch.float64), dict(dtype=torch.float32)
+    if codebook.device.type == "cuda":  # csrc/cuda/cluster_quantize.cu: tiles of 128 codes, transposed copies
+        Vp = (V + 127) // 128 * 128
+        shapes = [((C, V), d), ((V,), d), ((C, Vp), f), ((Vp,), f), ((), d)]
+    else:  # csrc/cluster_quantize.cpp: tiles of 16 codes
+        Vp = (V + 15) // 16 * 16
+        shapes = [((V, C), d), ((V,), d), ((Vp * C,), f), ((Vp,), f), ((), d)]
+    return [codebook.new_empty(shape, **kw) for shape, kw in shapes]
 
 
 def cluster_mean_ref(residual: Tensor, labels: Tensor, num_clusters: int) -> Tensor:

@@ -131,7 +131,7 @@ class MultiGranularityQuantizer(nn.Module):
         return self._phi(stage, code_BNC)
 
     # ------------------------------------------------------------------ training
-    def forward(self, f_BChw: Tensor, ibq: bool = False) -> tuple[Tensor, Tensor, dict]:
+    def forward(self, f_BChw: Tensor, ibq: bool = False, validate: bool = True) -> tuple[Tensor, Tensor, dict]:
         """Quantize for training.
 
         Returns (f_hat_st, vq_loss, info): f_hat_st (B, C, h, w) = f + sg(f_hat - f) (straight-through: the decoder's
@@ -140,15 +140,19 @@ class MultiGranularityQuantizer(nn.Module):
         [B, 2**i]), `labels` [B, K+1, N].
         With `ibq` (first-epoch codebook warm-up), each cluster's code is a straight-through one-hot of
         softmax(max(d) - d) over the code distances d, so every code receives gradient.
+        `validate` checks once that the latent is finite (one host sync); the ops then skip their own checks.
         """
         self._check_latent(f_BChw)
         with torch.autocast(f_BChw.device.type, enabled=False):
             f = f_BChw.float()
             f_ng = f.detach()
+            if validate:
+                self._check_finite(f_ng)
             B, C = f.shape[:2]
             f_ng_BNC = self._to_BNC(f_ng).contiguous()
-            labels = ops.granularity_cluster(f_ng_BNC)
+            labels = ops.granularity_cluster(f_ng_BNC, validate=False)
             E = self.embedding.weight
+            prepared = None if ibq else ops.prepare_codebook(E.detach())  # once for the K+1 stages
             rest_BNC = f_ng_BNC.clone()
             f_hat = torch.zeros_like(f)
             losses, tokens = [], []
@@ -163,7 +167,7 @@ class MultiGranularityQuantizer(nn.Module):
                     one_hot = F.one_hot(ids, self.codebook_size).to(prob.dtype) - prob.detach() + prob
                     code_BnC = one_hot @ E
                 else:
-                    ids, _ = ops.cluster_quantize(rest_BNC.detach(), lab, n, E.detach())
+                    ids, _ = ops.cluster_quantize(rest_BNC.detach(), lab, n, E.detach(), prepared, validate=False)
                     code_BnC = self.embedding(ids)
                 tokens.append(ids)
                 h_BNC = self._phi(si, code_BnC.gather(1, lab.unsqueeze(-1).expand(-1, -1, C)))
@@ -177,17 +181,27 @@ class MultiGranularityQuantizer(nn.Module):
                                                "labels": labels}
 
     # ------------------------------------------------------------------ inference
+    @staticmethod
+    def _check_finite(f: Tensor) -> None:
+        if not torch.isfinite(f).all():
+            raise ValueError("quantizer: the latent contains NaN or Inf values")
+
     @torch.no_grad()
-    def encode(self, f_BChw: Tensor) -> VGS:
-        """Latent (B, C, h, w) -> visual granularity sequence (clustering + per-stage residual quantization)."""
+    def encode(self, f_BChw: Tensor, validate: bool = True) -> VGS:
+        """Latent (B, C, h, w) -> visual granularity sequence (clustering + per-stage residual quantization).
+
+        `validate` checks once that the latent is finite (one host sync); the ops skip their own checks, so with
+        validate=False the whole encode has no host sync and can be captured in a CUDA graph.
+        """
         self._check_latent(f_BChw)
         with torch.autocast(f_BChw.device.type, enabled=False):
             f_BNC = self._to_BNC(f_BChw.float()).contiguous()
-            if not torch.isfinite(f_BNC).all():
-                raise ValueError("quantizer.encode: the latent contains NaN or Inf values")
+            if validate:
+                self._check_finite(f_BNC)
             B, N, C = f_BNC.shape
-            labels = ops.granularity_cluster(f_BNC)
+            labels = ops.granularity_cluster(f_BNC, validate=False)
             E = self.embedding.weight.float()
+            prepared = ops.prepare_codebook(E)  # once for the K+1 stages
             rest = f_BNC.clone()
             f_hat = torch.zeros_like(f_BNC)
             canvas = f_BNC.new_empty(B, self.num_stages, N, C)
@@ -195,7 +209,7 @@ class MultiGranularityQuantizer(nn.Module):
             for si in range(self.num_stages):
                 canvas[:, si] = f_hat
                 lab = labels[:, si].contiguous()
-                ids, _ = ops.cluster_quantize(rest, lab, 2**si, E)
+                ids, _ = ops.cluster_quantize(rest, lab, 2**si, E, prepared, validate=False)
                 h = self.embed_stage(si, ids, lab)
                 f_hat += h
                 rest -= h

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nvg.ops import cluster_quantize, cluster_quantize_ref
+from nvg.ops import cluster_quantize, cluster_quantize_ref, prepare_codebook
 
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 
@@ -155,3 +155,76 @@ def test_float32_overflow_range_is_rescored_exactly():
     E = torch.randn(40, 4, generator=g, dtype=torch.float64) * 1e17
     labels = torch.randint(0, 8, (2, 16), generator=g)
     assert torch.equal(cluster_quantize(res, labels, 8, E)[0], cluster_quantize_ref(res, labels, 8, E)[0])
+
+
+# ---- codebook prepared once per codebook version; validation that can be skipped
+@pytest.mark.parametrize("idx", range(len(sample_inputs("cpu"))), ids=[c[0] for c in sample_inputs("cpu")])
+def test_prepared_codebook_gives_the_same_result(device, idx):
+    name, res, labels, n, E = sample_inputs(device)[idx]
+    prepared = prepare_codebook(E)
+    ids, means = cluster_quantize(res, labels, n, E, prepared)
+    ids_v, means_v = cluster_quantize(res, labels, n, E, prepared, validate=False)
+    ids_e, means_e = cluster_quantize(res, labels, n, E)
+    assert torch.equal(ids, ids_e) and torch.equal(ids_v, ids_e) and torch.equal(means, means_e), name
+    assert torch.equal(means_v, means_e)
+
+
+def test_prepare_opcheck_and_fake_shapes(device):
+    E = torch.randn(37, 5, device=device)
+    torch.library.opcheck(torch.ops.nvg.cluster_quantize_prepare.default, (E,))
+    prepared = prepare_codebook(E)
+    res, labels = torch.randn(2, 8, 5, device=device), torch.randint(0, 4, (2, 8), device=device)
+    torch.library.opcheck(torch.ops.nvg.cluster_quantize.default, (res, labels, 4, E, prepared, False))
+
+
+@pytest.mark.parametrize("what", ["other-codebook", "too-few", "other-dtype"])
+def test_rejects_a_foreign_preparation(what):
+    res, labels, E = torch.randn(2, 8, 3), torch.randint(0, 4, (2, 8)), torch.randn(6, 3)
+    prepared = prepare_codebook(E)
+    if what == "other-codebook":
+        prepared = prepare_codebook(torch.randn(40, 3))
+    elif what == "too-few":
+        prepared = prepared[:3]
+    else:
+        prepared = [t.half() if t.dtype == torch.float32 else t for t in prepared]
+    with pytest.raises(RuntimeError, match="prepare"):
+        cluster_quantize(res, labels, 4, E, prepared)
+
+
+def test_validate_false_skips_the_finiteness_check():
+    res, labels, E = torch.randn(2, 8, 3), torch.randint(0, 4, (2, 8)), torch.randn(6, 3)
+    res[0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        cluster_quantize(res, labels, 4, E)
+    ids, _ = cluster_quantize(res, labels, 4, E, validate=False)
+    assert ids.shape == (2, 4) and ((ids >= 0) & (ids < 6)).all()
+    with pytest.raises(RuntimeError, match="num_clusters"):  # the CPU checks the label range in any case
+        cluster_quantize(torch.randn(2, 8, 3), torch.full((2, 8), 4), 4, E, validate=False)
+
+
+@pytest.mark.cuda
+def test_tokenizer_quantization_replays_in_a_cuda_graph():
+    """quantize.encode(validate=False) has no host sync: captured once, replayed with identical ids."""
+    from nvg.tokenizer import Tokenizer
+
+    tok = Tokenizer("tiny-ae-32px-8x8").cuda().eval()
+    x = torch.rand(3, 3, 32, 32, device="cuda") * 2 - 1
+    with torch.no_grad():
+        f = tok.encode_latent(x)
+    expected = tok.quantize.encode(f)  # validated, eager
+    static_f = f.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        tok.quantize.encode(static_f, validate=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = tok.quantize.encode(static_f, validate=False)
+    static_f.zero_()
+    static_f.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured.tokens, expected.tokens):
+        assert torch.equal(a, b)
+    assert torch.equal(captured.labels, expected.labels)

@@ -37,7 +37,9 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 
@@ -267,8 +269,33 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// Codebook preparation, once per codebook version (nvg::cluster_quantize_prepare on CUDA): [E64t [C, V] double
+// (transposed), ee64 [V] double (|e|^2 in channel order), Et32 [C, Vpad] float (padded codes 0), ee32 [Vpad] float
+// (padded codes +inf), max_ee [] double on the device]. Device work only: no host sync, capturable in a CUDA graph.
+std::vector<at::Tensor> prepare_cuda(const at::Tensor& codebook) {
+  check_codebook(codebook);
+  TORCH_CHECK(codebook.is_cuda(), "cluster_quantize_prepare: the CUDA kernel got a codebook on ", codebook.device());
+  const c10::cuda::CUDAGuard device_guard(codebook.device());
+  const int64_t V = codebook.size(0), C = codebook.size(1);
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max() && V <= std::numeric_limits<int32_t>::max() - 2 * kVT,
+              "cluster_quantize_prepare: V = ", V, ", C = ", C, " exceed the CUDA kernel's 32-bit index range");
+  const auto dopt = codebook.options().dtype(at::kDouble), fopt = codebook.options().dtype(at::kFloat);
+  const at::Tensor E64 = codebook.to(at::kDouble).contiguous();
+  at::Tensor ee64 = at::empty({V}, dopt);
+  code_norms_kernel<<<unsigned((V + 255) / 256), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      E64.data_ptr<double>(), int(V), int(C), ee64.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t Vpad = (V + kVT - 1) / kVT * kVT;
+  at::Tensor Et32 = at::zeros({C, Vpad}, fopt);
+  Et32.narrow(1, 0, V).copy_(codebook.t());
+  at::Tensor ee32 = at::full({Vpad}, std::numeric_limits<float>::infinity(), fopt);
+  ee32.narrow(0, 0, V).copy_(ee64);
+  return {E64.t().contiguous(), ee64, Et32, ee32, ee64.max()};
+}
+
 std::tuple<at::Tensor, at::Tensor> cluster_quantize_cuda(const at::Tensor& residual, const at::Tensor& labels,
-                                                         int64_t num_clusters, const at::Tensor& codebook) {
+                                                         int64_t num_clusters, const at::Tensor& codebook,
+                                                         std::optional<at::TensorList> prepared_opt, bool validate) {
   check_cluster_quantize(residual, labels, num_clusters, codebook);
   TORCH_CHECK(residual.is_cuda(), "cluster_quantize: the CUDA kernel got tensors on ", residual.device());
   const c10::cuda::CUDAGuard device_guard(residual.device());
@@ -279,33 +306,28 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cuda(const at::Tensor& resid
               "cluster_quantize: sizes N = ", N, ", C = ", C, ", num_clusters = ", n, ", V = ", V,
               " exceed the CUDA kernel's 32-bit index range");
   const at::Tensor lab = labels.contiguous();
-  {
+  const at::Tensor x = residual.contiguous();
+  if (validate) {  // two device-to-host syncs. Unvalidated, a label outside [0, n) joins no cluster (kernel 1)
     auto mm = at::aminmax(lab);
     const at::Tensor lohi = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();  // one device-to-host copy
     const int64_t lo = lohi[0].item<int64_t>(), hi = lohi[1].item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < n, "cluster_quantize: labels must lie in [0, num_clusters = ", n,
                 "), found values in [", lo, ", ", hi, "]");
+    check_finite(x, "cluster_quantize", "residual");
+    check_finite(codebook, "cluster_quantize", "codebook");
   }
-  const at::Tensor x = residual.contiguous();
-  check_finite(x, "cluster_quantize", "residual");
-  const at::Tensor E64 = codebook.to(at::kDouble).contiguous();
-  check_finite(E64, "cluster_quantize", "codebook");
-
+  const int64_t Vpad = (V + kVT - 1) / kVT * kVT;
+  std::vector<at::Tensor> prep;
+  if (prepared_opt.has_value()) {
+    prep = prepared_opt.value().vec();
+    check_prepared(prep, codebook, {{C, V}, {V}, {C, Vpad}, {Vpad}, {}},
+                   {at::kDouble, at::kDouble, at::kFloat, at::kFloat, at::kDouble});
+  } else {
+    prep = prepare_cuda(codebook);
+  }
+  const at::Tensor &E64t = prep[0], &ee64 = prep[1], &Et32 = prep[2], &ee32 = prep[3], &max_ee = prep[4];
   const auto dopt = residual.options().dtype(at::kDouble), fopt = residual.options().dtype(at::kFloat);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
-  // Codebook: |e|^2 in double (channel order), the float32 copies padded to whole tiles, the transposed double copy.
-  at::Tensor ee64 = at::empty({V}, dopt);
-  code_norms_kernel<<<unsigned((V + 255) / 256), 256, 0, stream>>>(E64.data_ptr<double>(), int(V), int(C),
-                                                                     ee64.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor max_ee = ee64.max();
-  const int64_t Vpad = (V + kVT - 1) / kVT * kVT;
-  at::Tensor Et32 = at::zeros({C, Vpad}, fopt);
-  Et32.narrow(1, 0, V).copy_(codebook.t());
-  at::Tensor ee32 = at::full({Vpad}, std::numeric_limits<float>::infinity(), fopt);
-  ee32.narrow(0, 0, V).copy_(ee64);
-  const at::Tensor E64t = E64.t().contiguous();
 
   // Means.
   const int64_t Q = B * n, Qpad = (Q + kQT - 1) / kQT * kQT;
@@ -332,6 +354,9 @@ std::tuple<at::Tensor, at::Tensor> cluster_quantize_cuda(const at::Tensor& resid
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nvg, CUDA, m) { m.impl("cluster_quantize", &cluster_quantize_cuda); }
+TORCH_LIBRARY_IMPL(nvg, CUDA, m) {
+  m.impl("cluster_quantize_prepare", &prepare_cuda);
+  m.impl("cluster_quantize", &cluster_quantize_cuda);
+}
 
 }  // namespace nvg
