@@ -158,6 +158,14 @@ class NVGGenerator(nn.Module):
         self.register_buffer("scale_factors", torch.tensor(sf, dtype=torch.float32, device="cpu"))
         self._init_weights()
 
+
+    @classmethod
+    def from_checkpoint(cls, path, ema: bool | None = None, device="cpu") -> NVGGenerator:
+        """A generator written by `python -m nvg.train generator` (checkpoint or run directory), in eval mode, with
+        its EMA weights when the run kept them (unless ema=False). Its tokenizer: nvg.sample.load_generator."""
+        from . import checkpoint
+
+        return checkpoint.load_model(path, "generator", lambda m: cls(GeneratorConfig(**m)), ema, device)[0]
     def _init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):

@@ -11,11 +11,9 @@ random weights.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -264,23 +262,12 @@ class Tokenizer(nn.Module):
         return self.quantize.num_stages
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, ema: bool = True) -> Tokenizer:
-        """Load a tokenizer written by `python -m nvg.train tokenizer`: a checkpoint directory (config.json +
-        model.safetensors / ema.safetensors) or a run directory (its latest checkpoint). Returns it in eval mode."""
-        from safetensors.torch import load_file
+    def from_checkpoint(cls, path: str | os.PathLike, ema: bool | None = None, device="cpu") -> Tokenizer:
+        """A tokenizer written by `python -m nvg.train tokenizer`, in eval mode: a checkpoint directory or a run
+        directory (its newest valid checkpoint); EMA weights when the run kept them (unless ema=False)."""
+        from . import checkpoint
 
-        path = Path(path)
-        if (path / "latest").exists():
-            path = path / (path / "latest").read_text().strip()
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is neither a tokenizer checkpoint nor a run directory (no config.json)")
-        saved = json.loads((path / "config.json").read_text())
-        if saved.get("kind") != "tokenizer":
-            raise ValueError(f"{path} holds a {saved.get('kind')!r} checkpoint, not a tokenizer")
-        weights = path / ("ema.safetensors" if ema and (path / "ema.safetensors").exists() else "model.safetensors")
-        tok = cls(TokenizerConfig.from_dict(saved["model"]))
-        tok.load_state_dict(load_file(str(weights)))
-        return tok.eval()
+        return checkpoint.load_model(path, "tokenizer", lambda m: cls(TokenizerConfig.from_dict(m)), ema, device)[0]
 
     def check_images(self, x: Tensor) -> None:
         """Raise a clear error unless x is a finite float batch (B, in_channels, image_size, image_size)."""

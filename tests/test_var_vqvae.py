@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from nvg.baselines.var.convert import check_state_dict, load_vqvae, vqvae_config_from_state_dict
+from nvg.baselines.var.convert import load_vqvae, vqvae_config_from_state_dict
+from nvg.checkpoint import check_state_dict
 from nvg.baselines.var.quant import phi_index_per_scale
 from nvg.baselines.var.vqvae import VQVAE
 

@@ -6,6 +6,7 @@
 The command line is `python -m nvg.sample` (nvg/sample/__main__.py).
 """
 from .control import regenerate, structure_guided, structure_transfer
+from .loading import load_generator, load_tokenizer
 from .sampler import SampleConfig, Sampler
 
-__all__ = ["Sampler", "SampleConfig", "structure_guided", "structure_transfer", "regenerate"]
+__all__ = ["Sampler", "SampleConfig", "load_generator", "load_tokenizer", "structure_guided", "structure_transfer", "regenerate"]

@@ -18,45 +18,9 @@ import torch
 
 from . import control
 from ..train import common as T
-from ..model import GeneratorConfig, NVGGenerator
+from .loading import load_generator
 from ..quantizer import VGS
 from .sampler import SampleConfig, Sampler
-from ..tokenizer import Tokenizer, TokenizerConfig
-
-
-def load_tokenizer(path: str, device) -> tuple[Tokenizer, str]:
-    """Frozen tokenizer (EMA weights when the run kept them) from a run or checkpoint directory."""
-    ckpt = T.latest_checkpoint(path) if (Path(path) / "latest").exists() or not (Path(path) / "config.json").exists() \
-        else Path(path)
-    if ckpt is None or not (Path(ckpt) / "config.json").exists():
-        raise FileNotFoundError(f"no tokenizer checkpoint in {path!r} (train one with `python -m nvg.train tokenizer`)")
-    saved = T.read_config(ckpt)
-    if saved.get("kind") != "tokenizer":
-        raise ValueError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a tokenizer")
-    tok = Tokenizer(TokenizerConfig.from_dict(saved["model"]))
-    try:
-        sd = T.load_weights(ckpt, ema=True)
-        sd = {**tok.state_dict(), **sd}
-    except FileNotFoundError:
-        sd = T.load_weights(ckpt)
-    tok.load_state_dict(sd)
-    return tok.to(device).eval().requires_grad_(False), str(Path(ckpt).resolve())
-
-
-def load_generator(path: str, ema: bool = True, device: str = "cpu"):
-    """(generator, tokenizer, config) from a generator run or checkpoint directory written by nvg.train generator."""
-    p = Path(path)
-    ckpt = T.latest_checkpoint(p) if not (p / "config.json").exists() else p
-    if ckpt is None:
-        raise FileNotFoundError(f"no generator checkpoint in {path!r}")
-    config = T.read_config(ckpt)
-    if config.get("kind") != "generator":
-        raise ValueError(f"{ckpt} is a {config.get('kind')!r} checkpoint, not a generator one")
-    model = NVGGenerator(GeneratorConfig(**config["model"]))
-    sd = T.load_weights(ckpt, ema=ema) if ema else T.load_weights(ckpt)
-    model.load_state_dict({**model.state_dict(), **sd})
-    tok, _ = load_tokenizer(config["tokenizer"], device)
-    return model.to(device).eval(), tok, config
 
 
 def read_images(paths: list[str], size: int) -> torch.Tensor:
@@ -145,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.n < 1 or a.batch_size < 1:
         raise SystemExit("--n and --batch-size must be >= 1")
-    model, tok, config = load_generator(a.ckpt, ema=not a.no_ema, device=a.device)
+    model, tok, config = load_generator(a.ckpt, ema=False if a.no_ema else None, device=a.device)
     names = config.get("class_names") or []
     nc = model.config.num_classes
     classes = parse_classes(a.classes, names, nc) if a.classes else list(range(nc))

@@ -23,7 +23,7 @@ from . import common as T
 from ..model import GeneratorConfig, NVGGenerator, generator_loss
 from ..quantizer import VGS
 from ..sample import SampleConfig, Sampler
-from ..sample.__main__ import load_tokenizer
+from ..sample.loading import load_tokenizer, tokenizer_reference
 from .sharding import CheckpointWeights, ema_model, ema_update, full_weights, load_optimizer, optimizer_state, shard
 from ..tokenizer import Tokenizer
 
@@ -142,7 +142,7 @@ def main(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     d = T.init_distributed(cfg.device)
     dev, out = d.device, Path(cfg.out_dir)
-    tok, tok_ckpt = load_tokenizer(cfg.tokenizer, dev)
+    tok, tok_ref = load_tokenizer(cfg.tokenizer, dev)
     tcfg = tok.config
     train_set = load_dataset(cfg.dataset, "train", tcfg.image_size)
     num_classes = getattr(train_set, "num_classes", None) or len(train_set.class_names)
@@ -187,7 +187,7 @@ def main(cfg: TrainConfig) -> dict:
     peak_lr = cfg.lr if cfg.lr else 1e-4 * global_batch / 256
     ema = T.EMA(model, cfg.ema_decay)  # a full fp32 copy on every rank, also under FSDP
     fsdp = cfg.fsdp and d.world_size > 1
-    config = {"kind": "generator", "model": dataclasses.asdict(gcfg), "tokenizer": tok_ckpt,
+    config = {"kind": "generator", "model": dataclasses.asdict(gcfg), "tokenizer": tokenizer_reference(tok_ref, out),
               "class_names": class_names, "train": dataclasses.asdict(cfg)}
     step, epoch, batch_in_epoch = 0, 0, 0
     if ckpt is not None:

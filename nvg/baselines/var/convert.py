@@ -1,7 +1,7 @@
-"""Loading the released VAR checkpoints (`vae_ch160v4096z32.pth`, `var_d{16,20,24,30}.pth`) into our modules.
+"""Loading VAR checkpoints: the released ones (`vae_ch160v4096z32.pth`, `var_d{16,20,24,30}.pth`) and our own runs.
 
 The state_dicts keep the released key names, so loading is a strict `load_state_dict` after checking every key
-and shape ourselves: a missing, unexpected or wrong-shaped key raises a ValueError that names it (torch's own
+and shape ourselves (nvg.checkpoint): a missing, unexpected or wrong-shaped key raises an error that names it (torch's own
 message lists every mismatch of a large model in one long line). The configuration is read from the shapes, so a
 narrower tokenizer or a shallower transformer of the same layout loads the same way.
 """
@@ -14,6 +14,8 @@ import re
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from nvg import checkpoint
 
 from .model import VAR, VARConfig
 from .vqvae import VQVAE, VQVAEConfig
@@ -30,23 +32,6 @@ def read_state_dict(source: str | os.PathLike | StateDict) -> StateDict:
     if not isinstance(source, dict) or not all(isinstance(v, Tensor) for v in source.values()):
         raise ValueError("expected a state_dict: a dict of parameter name -> tensor")
     return source
-
-
-def check_state_dict(module: nn.Module, state_dict: StateDict, what: str) -> None:
-    """Raises ValueError naming the first missing, unexpected or wrong-shaped key (and how many there are)."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise ValueError(f"{what}: key {k!r} has shape {tuple(state_dict[k].shape)}, the model expects "
-                         f"{tuple(expected[k].shape)} ({len(wrong)} wrong-shaped keys in all)")
-    if missing:
-        raise ValueError(f"{what}: missing key {missing[0]!r} ({len(missing)} missing: {missing[:5]}...)")
-    if unexpected:
-        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected: "
-                         f"{unexpected[:5]}...)")
 
 
 def _shape(state_dict: StateDict, key: str, what: str) -> tuple[int, ...]:
@@ -96,28 +81,27 @@ def var_config_from_state_dict(state_dict: StateDict, patch_nums: tuple[int, ...
                      patch_nums=patch_nums, **overrides)
 
 
-def load_state_dict_checked(module: nn.Module, source: str | os.PathLike | StateDict, what: str) -> nn.Module:
-    state_dict = read_state_dict(source)
-    check_state_dict(module, state_dict, what)
-    module.load_state_dict(state_dict, strict=True)
-    return module
-
-
-def load_vqvae(source: str | os.PathLike | StateDict, config: VQVAEConfig | None = None) -> VQVAE:
-    """A VQVAE holding the checkpoint's weights (configuration read from it unless given), in eval mode."""
+def load_vqvae(source: str | os.PathLike | StateDict, config: VQVAEConfig | None = None, ema: bool | None = None,
+               device="cpu") -> VQVAE:
+    """A VQVAE in eval mode from the released `.pth` (configuration read from it unless given) or from a run or
+    checkpoint directory of `python -m nvg.train var` (EMA weights when kept, unless ema=False)."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return checkpoint.load_model(source, "var-tokenizer", lambda m: VQVAE(VQVAEConfig(**m)), ema, device)[0]
     state_dict = read_state_dict(source)
     model = VQVAE(config or vqvae_config_from_state_dict(state_dict))
-    return load_state_dict_checked(model, state_dict, "VQVAE checkpoint").eval()
+    return checkpoint.load_strict(model, state_dict, "VQVAE checkpoint").to(device).eval()
 
 
 MASK_KEY = "attn_bias_for_masking"  # released buffer derived from the scales; checked and dropped on load
 
 
-def load_var(source: str | os.PathLike | StateDict, config: VARConfig | None = None) -> VAR:
-    """A VAR transformer holding the checkpoint's weights (configuration read from it unless given), in eval mode.
-
-    Accepts the released layout (with the additive mask `attn_bias_for_masking`, which must match the scales) and
-    our own checkpoints (without it)."""
+def load_var(source: str | os.PathLike | StateDict, config: VARConfig | None = None, ema: bool | None = None,
+             device="cpu") -> VAR:
+    """A VAR transformer in eval mode from the released `.pth` (configuration read from it unless given; with the
+    additive mask `attn_bias_for_masking`, which must match the scales), a state dict without that mask, or a run or
+    checkpoint directory of `python -m nvg.train var` (EMA weights when kept, unless ema=False)."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return checkpoint.load_model(source, "var", lambda m: VAR(VARConfig(**m)), ema, device)[0]
     state_dict = dict(read_state_dict(source))
     model = VAR(config or var_config_from_state_dict(state_dict))
     if MASK_KEY in state_dict:
@@ -129,7 +113,7 @@ def load_var(source: str | os.PathLike | StateDict, config: VARConfig | None = N
         if not torch.equal(mask.float(), expected.float()):
             raise ValueError(f"VAR checkpoint: key {MASK_KEY!r} is not the block-causal mask of the scales "
                              f"{model.config.patch_nums}")
-    return load_state_dict_checked(model, state_dict, "VAR checkpoint").eval()
+    return checkpoint.load_strict(model, state_dict, "VAR checkpoint").to(device).eval()
 
 
 def official_var_state_dict(model: VAR) -> StateDict:

@@ -93,23 +93,6 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError("steps, tokenizer_steps and batch_size must be positive")
 
 
-def load_tokenizer(path: str, ema: bool, device) -> VQVAE:
-    """A frozen VQVAE from a released .pth, one of our checkpoint directories, or a run directory (its latest)."""
-    p = Path(path)
-    if p.is_file():
-        vae = load_vqvae(p)
-    else:
-        ckpt = p if (p / "config.json").exists() else T.latest_checkpoint(p)
-        if ckpt is None:
-            raise FileNotFoundError(f"no tokenizer checkpoint in {p} (train one with --stage tokenizer)")
-        saved = T.read_config(ckpt)
-        if saved.get("kind") != "var-tokenizer":
-            raise ValueError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a 'var-tokenizer' one")
-        vae = VQVAE(VQVAEConfig(**saved["model"]))
-        vae.load_state_dict(T.load_weights(ckpt, ema=ema))
-    return vae.to(device).eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def draw_samples(var: VAR, vae: VQVAE, n: int, cfg: TrainConfig, batch_size: int = 100) -> tuple[torch.Tensor, ...]:
     """n images (uint8 (n, 3, H, W)) and their labels, classes 0..num_classes-1 in turn, seeds cfg.seed + batch."""
@@ -127,7 +110,7 @@ def train_transformer(cfg: TrainConfig, dist: T.Dist, out: Path, vae_path: str) 
     from nvg.data import load_dataset
 
     dev = dist.device
-    vae = load_tokenizer(vae_path, cfg.tokenizer_ema, dev)
+    vae = load_vqvae(vae_path, ema=None if cfg.tokenizer_ema else False, device=dev).requires_grad_(False)
     var_config = VARConfig(**VAR_PRESETS[cfg.var_preset])
     train_set = load_dataset(cfg.dataset, "train", vae.config.image_size)
     T.seed_everything(cfg.seed)  # same initial weights on every rank
