@@ -6,9 +6,11 @@ Only the `__main__` modules import this file; the library never does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Callable
@@ -21,51 +23,116 @@ EXPECTED_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                    CheckpointError)
 
 
-def _field_type(tp):
-    """(parser type, is_bool) of a dataclass field annotation such as `int`, `str | None`, `float | None`."""
+class UsageError(ValueError):
+    """A command line argparse refuses (unknown option, a value of the wrong type): reported like any bad value."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing the usage and exiting, so that `run` reports every
+    expected error the same way (one line, exit 2) and `main(argv)` raises it when called from Python."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _unoptional(tp):
+    """`X | None` -> X; anything else unchanged."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if (typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1) else tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _field_type(tp):
+    """(parser type, is_bool, nargs) of a dataclass field annotation such as `int`, `str | None`,
+    `tuple[float, float]` (nargs 2), `tuple[int, ...] | None` / `list[str]` (nargs "+")."""
+    base = _unoptional(tp)
     if base is bool:
-        return None, True
+        return None, True, None
     if base in (int, float, str):
-        return base, False
+        return base, False, None
     if typing.get_origin(base) in (tuple, list):
-        inner = typing.get_args(base)[0] if typing.get_args(base) else str
-        return inner, False
-    return str, False
+        args = typing.get_args(base)
+        inner = args[0] if args else str
+        fixed = typing.get_origin(base) is tuple and args and Ellipsis not in args
+        return inner, False, (len(args) if fixed else "+")
+    return str, False, None
 
 
-def _help(f: dataclasses.Field, default) -> str:
-    text = f.metadata.get("help", "")
-    return f"{text} (default: {default})" if text else f"(default: {default})"
+def _help(f: dataclasses.Field, default, text: str | None) -> str:
+    text = text or f.metadata.get("help", "")
+    if default is dataclasses.MISSING:
+        return text or "(required)"
+    shown = " ".join(map(str, default)) if isinstance(default, tuple | list) else default
+    return f"{text} (default: {shown})" if text else f"(default: {shown})"
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """Every field of `cls` becomes `--field-name` (bools: --flag / --no-flag; tuples: several values)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                       aliases: dict[str, tuple[str, ...]] | None = None, helps: dict[str, str] | None = None,
+                       group: str | None = None) -> None:
+    """Every field of `cls` becomes `--field-name` (bools: --flag / --no-flag; tuples: several values; fields without
+    a default: required). `aliases` adds option strings to a field (e.g. {"gumbel_split": ("--gumbel",)}); `helps`
+    supplies help texts for fields whose metadata has none; `group` puts the options under a heading."""
+    aliases, helps = aliases or {}, helps or {}
+    target = parser.add_argument_group(group) if group else parser
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or not f.init:
             continue
-        opt = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp, is_bool = _field_type(hints[f.name])
-        if is_bool:
-            parser.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f.metadata.get("help"))
-        elif typing.get_origin(hints[f.name]) in (tuple, list) or isinstance(default, tuple | list):
-            parser.add_argument(opt, dest=f.name, type=tp, nargs="+", default=default, metavar=f.name.upper(),
-                                help=_help(f, default))
+        opts = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, ())]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
-            parser.add_argument(opt, dest=f.name, type=tp, default=default, help=_help(f, default))
+            default = dataclasses.MISSING
+        kw = {"dest": f.name, "help": _help(f, default, helps.get(f.name))}
+        if default is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = default
+        if "metavar" in f.metadata:
+            kw["metavar"] = f.metadata["metavar"]
+        tp, is_bool, nargs = _field_type(hints[f.name])
+        if is_bool:
+            target.add_argument(*opts, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if nargs is not None:
+            kw.setdefault("metavar", f.name.upper() if nargs == "+" else tuple(f"V{i}" for i in range(nargs)))
+            target.add_argument(*opts, type=tp, nargs=nargs, **kw)
+        else:
+            target.add_argument(*opts, type=tp, **kw)
 
 
 def dataclass_from_args(cls, ns: argparse.Namespace, **extra):
-    """The dataclass from parsed options (lists become tuples where the field's default is a tuple)."""
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
-    for f in dataclasses.fields(cls):
-        if isinstance(values.get(f.name), list) and isinstance(f.default, tuple):
-            values[f.name] = tuple(values[f.name])
+    """The dataclass from parsed options (option lists become tuples where the field is a tuple). Its __post_init__
+    validates the values."""
+    hints = typing.get_type_hints(cls)
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)}
+    for name, v in values.items():
+        if isinstance(v, list) and (typing.get_origin(_unoptional(hints[name])) is tuple):
+            values[name] = tuple(v)
     return cls(**{**values, **extra})
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is available, else "cpu"; any other name is checked (a CUDA device must exist)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def run(main: Callable[[], object], prog: str) -> None:
@@ -105,3 +172,38 @@ def check_output_path(path: str, suffixes: tuple[str, ...] | None = None, what: 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(13, f"cannot write the {what} into this folder", parent)
     return path
+
+
+def check_input_path(path: str, what: str = "input", kind: str = "any") -> str:
+    """Validate an input path before any work: it exists and is a file (kind="file"), a folder (kind="dir") or
+    either (kind="any"), and is readable."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, f"no such {what}", path)
+    if kind == "file" and os.path.isdir(path):
+        raise IsADirectoryError(21, f"the {what} is a folder, expected a file", path)
+    if kind == "dir" and not os.path.isdir(path):
+        raise NotADirectoryError(20, f"the {what} must be a folder", path)
+    if not os.access(path, os.R_OK):
+        raise PermissionError(13, f"cannot read the {what}", path)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[typing.BinaryIO], None]) -> None:
+    """Write a file through a temporary file in the same folder, renamed into place (os.replace): a failure or a
+    kill leaves either the old file or none, never a partial one. `write(f)` fills the open binary file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -4,6 +4,7 @@ Preprocessing (as in VAR's and NVG's `build_dataset`): resize the shorter side t
 Lanczos, then a random image_size crop for `train` or a centre crop otherwise; no flip; scale to [-1, 1].
 If the folder has a sub-folder named after the split (root/train, root/val), that one is used; otherwise the folder
 itself holds the classes and both splits read the same files (they differ only in the crop).
+Files are read by nvg.data.images.read_rgb: 16-bit and float images are rescaled to 8 bits, alpha is dropped.
 """
 import os
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .images import read_rgb
 from .tensor_dataset import to_pm1
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
@@ -74,11 +76,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-        except OSError as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
+        img = Image.fromarray(read_rgb(path))  # 16-bit and float images rescaled, alpha dropped (nvg/data/images.py)
         img = resize_shorter_side(img, round(MID_RATIO * self.image_size))
         img = crop(img, self.image_size, random=self.random_crop)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
