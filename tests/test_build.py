@@ -37,3 +37,44 @@ def test_cmake_builds_the_same_module(tmp_path):
 
     expected = torch.ops.nvg.granularity_cluster(torch.arange(48.0).view(1, 16, 3).sin()).flatten().tolist()
     assert out == str(expected)
+
+
+def _env_without_interpreter():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/run_gpu.sh in its dry-run mode: every phase is listed, the CPU ones run (environment, a pip dry run
+    without an index, one ahead-of-time Triton compilation), the summary reports each phase and the budget."""
+    pytest.importorskip("triton")
+    out = tmp_path / "out"
+    env = dict(_env_without_interpreter(), NVG_GPU_CHECK_DRY_RUN="1", NVG_GPU_CHECK_AOT_LIMIT="1", OUT=str(out),
+               PYTHON=sys.executable)
+    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], env=env, capture_output=True,
+                         text=True, timeout=240)
+    summary = (out / "summary.txt").read_text()
+    assert run.returncode == 0, run.stdout + run.stderr
+    for name in ["env", "build", "registered", "triton-aot", "tests-ops", "tests-triton", "sanitizer-memcheck",
+                 "sanitizer-racecheck", "sanitizer-synccheck", "bench-ops", "bench-attn", "total"]:
+        assert name in summary, name
+    assert "tests-triton         skipped (dry run)" in summary
+    assert "triton-aot           passed" in summary and "build                passed" in summary
+    assert "nvcc" in (out / "env.txt").read_text() or "Cuda compilation tools" in (out / "env.txt").read_text()
+    worst = int(summary.split("so the run takes at most ")[1].split()[0])
+    assert worst <= 12 * 60
+
+
+def test_triton_aot_compile_subset(tmp_path):
+    """tools/triton_aot_compile.py: counts the Triton variants of the GPU tests and compiles a subset for sm_90;
+    the estimate for all of them stays within the GPU check's 3-minute compile budget."""
+    pytest.importorskip("triton")
+    summary = tmp_path / "aot.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "triton_aot_compile.py"), "--limit", "2", "--jobs",
+                    "1", "--json", str(summary)], check=True, env=_env_without_interpreter(), timeout=300)
+    import json
+
+    s = json.loads(summary.read_text())
+    assert s["compiled"] == 2 and s["variants"] >= 40 and s["over_shared_limit"] == 0
+    assert set(s["per_kernel"]) == {"_block_attn_fwd_kernel", "_bwd_delta_kernel", "_block_attn_bwd_dkdv_kernel",
+                                    "_block_attn_bwd_dq_kernel"}
+    assert s["estimated_s_all"] < 180

@@ -6,32 +6,32 @@
 //   * d(r, k) = sum over c = 0..C-1, in order, of (mean[k][c] - mean[r][c])^2 in double. Every operation is an
 //     explicitly rounded intrinsic (__dsub_rn, __dmul_rn, __dadd_rn, __ddiv_rn): nvcc would otherwise contract
 //     a*b + c into one fused multiply-add, which rounds differently from the CPU kernel. d(r, k) == d(k, r) bitwise.
-//   * greedy matching, M/2 times: i = the alive row with the smallest (row_min, row) pair, j = row_arg[i], where
-//     row_min[r] / row_arg[r] are the smallest distance to an alive column k != r and the smallest such k. This is
-//     the first entry of the row-major flattened matrix holding the global minimum, as in the CPU kernel. The new
-//     cluster's members are cluster i's followed by cluster j's, its raw label is the match counter; rows whose
-//     nearest column was i or j are rescanned, the others keep a valid minimum (removing columns only raises it).
+//   * matching in rounds (the CPU kernel's header proves it equals the official one-pair-at-a-time loop):
+//     row_arg[r] = the nearest alive column k != r, smallest (distance, k); every alive row r whose nearest row names
+//     r back forms a mutual pair, all such pairs merge at once, rows whose nearest column merged are rescanned, until
+//     no row is left. The official merge counter of a pair is its rank by (distance, row); the new cluster's members
+//     are the row cluster's followed by the column cluster's.
 //   * after all rounds, labels are renumbered top-down: the child with the smaller raw label of parent p becomes 2p,
 //     the other 2p+1.
 // Minima are taken over (value, index) pairs, lexicographically, so they do not depend on the order in which threads
-// combine them. A distance that is not finite (possible only for double inputs above ~1e154: NaN and inf inputs are
-// rejected up front) is a candidate of value +inf: rows then still get a valid partner (the CPU kernel would index
-// out of bounds there), and for finite distances the result is unchanged.
+// combine them. A distance that is not finite (double inputs above ~1e154, or NaN/inf inputs when validate=false) is
+// a candidate of value +inf, as in the CPU kernel: rows then still get a valid partner, and for finite distances the
+// result is unchanged.
 //
 // Parallel decomposition: one thread block per image, all rounds inside one kernel.
 //   * per-image state (channel-major means [C][M], row_min, row_arg, alive, member lists, labels) lives in shared
-//     memory when it fits the device's per-block limit (N = 256, C = 32: 79 KB, two blocks per SM), else in a
+//     memory when it fits the device's per-block limit (N = 256, C = 32: 80 KB, two blocks per SM), else in a
 //     global-memory workspace with the same layout (same code, kSharedState = false, 512 threads per block);
 //   * the distance matrix of the round (M x M doubles) lives in a global-memory workspace, one N x N slot per image;
 //     the batch is processed in chunks so that this workspace stays within a budget (1 GiB by default,
 //     NVG_CLUSTER_WORKSPACE_MB overrides it), and at least one image per chunk;
 //   * distance rows: each warp computes kRows rows at a time, lanes over columns (register tile kRows x 1, the
 //     column's mean read once per channel for kRows rows), writes them and reduces each row's minimum with shuffles;
-//   * each match: a block-wide argmin over alive rows (warp shuffles, then one value per warp in shared memory),
-//     the members copied by all threads, the rows to rescan appended to a list, and the list spread over the warps:
-//     one warp per rescanned row, lanes over its columns, reading the stored distances.
-//   Three __syncthreads per match: after the per-warp minima (S1), after the list and alive flags (S2), after the
-//   rescans (S3).
+//   * each round: every thread tests its rows for mutual pairs (appended with an atomic counter, order irrelevant),
+//     then lists the rows to rescan, then one warp per listed row rescans it, lanes over its columns, reading the
+//     stored distances. Three __syncthreads per round (S1, S2, S3) instead of three per merged pair;
+//   * the merge ranks: each thread ranks its pairs against all pairs (O(P^2) comparisons, P = M/2, from shared
+//     memory), then members and raw labels are written at their rank.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -81,7 +81,7 @@ __device__ __forceinline__ double add_sq_diff(double acc, double a, double b) {
 
 // Byte offsets of the per-image state. Doubles first, then 32-bit ints, then bytes, so every array is aligned.
 struct StateLayout {
-  int64_t mean, row_min, row_arg, members, next, list, lab, alive, bytes;
+  int64_t mean, row_min, row_arg, members, next, list, pairs, lab, alive, bytes;
 };
 
 __host__ __device__ inline StateLayout state_layout(int64_t N, int64_t C, int64_t K) {
@@ -91,8 +91,9 @@ __host__ __device__ inline StateLayout state_layout(int64_t N, int64_t C, int64_
   s.row_arg = s.row_min + 8 * N;       // int [N]
   s.members = s.row_arg + 4 * N;       // int [N]: members of cluster l at [l*S, (l+1)*S)
   s.next = s.members + 4 * N;          // int [N]: the next round's member lists
-  s.list = s.next + 4 * N;             // int [N]: rows to rescan
-  s.lab = s.list + 4 * N;              // int [K+1][N]: raw labels, then the final ones
+  s.list = s.next + 4 * N;             // int [N]: rows to rescan, then the pairs' merge ranks
+  s.pairs = s.list + 4 * N;            // int [N]: merged pairs (i at [0, N/2), j at [N/2, N))
+  s.lab = s.pairs + 4 * N;             // int [K+1][N]: raw labels, then the final ones
   s.alive = s.lab + 4 * (K + 1) * N;   // uint8 [N]
   s.bytes = (s.alive + N + 15) / 16 * 16;
   return s;
@@ -104,9 +105,8 @@ __global__ void __launch_bounds__(kThreads)
                                unsigned char* state_ws, int64_t state_stride, int N, int C, int K) {
   constexpr int kWarps = kThreads / kWarp;
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ double red_val[kWarps];
-  __shared__ int red_idx[kWarps];
   __shared__ int list_len;
+  __shared__ int n_pairs;
 
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   const int64_t img = blockIdx.x;
@@ -118,6 +118,7 @@ __global__ void __launch_bounds__(kThreads)
   int* members = reinterpret_cast<int*>(base + L.members);
   int* next = reinterpret_cast<int*>(base + L.next);
   int* list = reinterpret_cast<int*>(base + L.list);
+  int* pairs = reinterpret_cast<int*>(base + L.pairs);
   int* lab = reinterpret_cast<int*>(base + L.lab);
   unsigned char* alive = base + L.alive;
 
@@ -129,6 +130,7 @@ __global__ void __launch_bounds__(kThreads)
     members[p] = p;
     lab[int64_t(K) * N + p] = p;  // level K: every position is its own cluster
   }
+  if (tid == 0) n_pairs = 0;
   __syncthreads();
 
   for (int level = K; level >= 1; --level) {
@@ -191,49 +193,36 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // (3) greedy matching.
+    // (3) matching in rounds: every mutual nearest pair merges at once (csrc/granularity_cluster.cpp proves that
+    // this merges the official pairs), rows whose nearest column merged are rescanned, until no row is alive.
     int* raw = lab + int64_t(level - 1) * N;
-    for (int match = 0; match < M / 2; ++match) {
+    int* pair_i = pairs;
+    int* pair_j = pairs + N / 2;
+    for (;;) {
       if (tid == 0) list_len = 0;  // its last reader ran before the previous S3
-      double bv = kInf;
-      int bi = kNone;
+      // Detection: only the owner of row r reads or writes alive[r] here; row_arg of alive rows names alive rows.
       for (int r = tid; r < M; r += kThreads) {
-        if (alive[r] && key_less(row_min[r], r, bv, bi)) {
-          bv = row_min[r];
-          bi = r;
+        if (alive[r]) {
+          const int j = row_arg[r];
+          if (row_arg[j] == r) {
+            if (j > r) {
+              const int p = atomicAdd(&n_pairs, 1);
+              pair_i[p] = r;
+              pair_j[p] = j;
+            }
+            alive[r] = 0;
+          }
         }
       }
-      warp_argmin(bv, bi);
-      if (lane == 0) {
-        red_val[warp] = bv;
-        red_idx[warp] = bi;
-      }
-      __syncthreads();  // S1
-      bv = red_val[0];
-      bi = red_idx[0];
-      for (int w = 1; w < kWarps; ++w) {
-        if (key_less(red_val[w], red_idx[w], bv, bi)) {
-          bv = red_val[w];
-          bi = red_idx[w];
-        }
-      }
-      // At least two rows are alive, and every alive row's row_arg is another alive row (see the header).
-      const int i = bi, j = row_arg[i];
-      int* dst = next + match * 2 * S;
-      for (int s = tid; s < 2 * S; s += kThreads) {
-        const int m = s < S ? members[i * S + s] : members[j * S + (s - S)];
-        dst[s] = m;
-        raw[m] = match;
-      }
-      // alive[r] is read and written here only by the thread that owns row r, read by everyone after S2.
-      for (int r = tid; r < M; r += kThreads) {
-        if (r == i || r == j) {
-          alive[r] = 0;
-        } else if (alive[r] && (row_arg[r] == i || row_arg[r] == j)) {
-          list[atomicAdd(&list_len, 1)] = r;
+      __syncthreads();  // S1: pairs and alive flags of this round are final
+      const bool done = 2 * n_pairs == M;  // block-uniform; n_pairs changes next only after S3
+      if (!done) {
+        for (int r = tid; r < M; r += kThreads) {
+          if (alive[r] && !alive[row_arg[r]]) list[atomicAdd(&list_len, 1)] = r;
         }
       }
       __syncthreads();  // S2
+      if (done) break;
       const int n_list = list_len;
       for (int e = warp; e < n_list; e += kWarps) {  // warp-uniform loop
         const int r = list[e];
@@ -260,13 +249,33 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
         warp_argmin(rb, ra);
-        if (lane == 0) {
-          row_min[r] = rb;
-          row_arg[r] = ra;
-        }
+        if (lane == 0) row_arg[r] = ra;
       }
       __syncthreads();  // S3
     }
+    // Merge order: the rank of each pair by (distance, row), pairs ranked in parallel (row_min and list are free).
+    const int P = M / 2;
+    for (int p = tid; p < P; p += kThreads) {
+      const double d = D[int64_t(pair_i[p]) * M + pair_j[p]];
+      row_min[p] = d < kInf ? d : kInf;
+    }
+    __syncthreads();
+    for (int p = tid; p < P; p += kThreads) {
+      const double dp = row_min[p];
+      const int ip = pair_i[p];
+      int rank = 0;
+      for (int q = 0; q < P; ++q) rank += key_less(row_min[q], pair_i[q], dp, ip);
+      list[p] = rank;
+    }
+    __syncthreads();
+    for (int e = tid; e < N; e += kThreads) {  // member s of merged pair p, written at its rank
+      const int p = e / (2 * S), s = e % (2 * S), k = list[p];
+      const int m = s < S ? members[pair_i[p] * S + s] : members[pair_j[p] * S + (s - S)];
+      next[k * 2 * S + s] = m;
+      raw[m] = k;
+    }
+    if (tid == 0) n_pairs = 0;  // first read after the next level's S1; reset before the barrier below
+    __syncthreads();
     int* t = members;
     members = next;
     next = t;
@@ -322,7 +331,7 @@ at::Tensor granularity_cluster_cuda(const at::Tensor& f, bool validate) {
 
   const StateLayout layout = state_layout(N, C, K);
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  constexpr int64_t kStaticSmem = 1024;  // red_val, red_idx, list_len: under 400 bytes
+  constexpr int64_t kStaticSmem = 1024;  // list_len, n_pairs: 8 bytes
   const bool shared_state = layout.bytes + kStaticSmem <= int64_t(prop->sharedMemPerBlockOptin);
   const int64_t state_stride = (layout.bytes + 255) / 256 * 256;
   const int64_t per_image = N * N * int64_t(sizeof(double)) + (shared_state ? 0 : state_stride);
@@ -333,8 +342,14 @@ at::Tensor granularity_cluster_cuda(const at::Tensor& f, bool validate) {
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (shared_state) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(granularity_cluster_kernel<kSharedThreads, true>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.bytes)));
+    // Raised once per device to the largest size asked so far: no API call on later (possibly graph-captured) calls.
+    static int64_t configured[64] = {0};
+    const int dev = f.get_device();
+    if (dev >= 64 || configured[dev] < layout.bytes) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(granularity_cluster_kernel<kSharedThreads, true>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.bytes)));
+      if (dev < 64) configured[dev] = layout.bytes;
+    }
   }
   const double* xp = x.data_ptr<double>();
   int64_t* op = out.data_ptr<int64_t>();
