@@ -63,6 +63,8 @@ def _help(f: dataclasses.Field, default, text: str | None) -> str:
     text = text or f.metadata.get("help", "")
     if default is dataclasses.MISSING:
         return text or "(required)"
+    if default is None and text:
+        return text
     shown = " ".join(map(str, default)) if isinstance(default, tuple | list) else default
     return f"{text} (default: {shown})" if text else f"(default: {shown})"
 
@@ -100,7 +102,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if nargs is not None:
-            kw.setdefault("metavar", f.name.upper() if nargs == "+" else tuple(f"V{i}" for i in range(nargs)))
+            kw.setdefault("metavar", f.name.upper() if nargs == "+" else ("START", "END") if nargs == 2 else
+                          tuple(f"V{i}" for i in range(nargs)))
             target.add_argument(*opts, type=tp, nargs=nargs, **kw)
         else:
             target.add_argument(*opts, type=tp, **kw)
@@ -169,8 +172,12 @@ def check_output_path(path: str, suffixes: tuple[str, ...] | None = None, what: 
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise PermissionError(13, f"cannot create the folder for the {what}", parent) from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(13, f"cannot write the {what} into this folder", parent)
+    try:  # a real probe: os.access says yes to root on read-only mounts and in /proc
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".nvg-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(13, f"cannot write the {what} into this folder ({e.strerror})", parent) from None
     return path
 
 

@@ -6,44 +6,178 @@
     python -m nvg.sample --ckpt RUN --classes 5 --structure-map maps.npy           # user label maps (S', h, w)
     python -m nvg.sample --ckpt RUN --classes 5 --structure-map mask.png           # any mask -> balanced stage-1 map
     python -m nvg.sample --ckpt RUN --classes 2 --regenerate-from ref.png --keep-stages 3   # stage-wise regeneration
+
+The sampler settings (--content-cfg START END, --top-p, --top-k, --temperature, --structure-steps, --gumbel...) are
+the fields of nvg.sample.SampleConfig, with its defaults. Every option is checked before the model is loaded: a bad
+value or path prints one line and exits with code 2. Outputs are written atomically (never a partial file).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import control
-from ..train import common as T
-from .loading import load_generator
+from .. import checkpoint
+from ..cli import (ArgumentParser, add_dataclass_args, atomic_write, check_input_path, check_output_path,
+                   dataclass_from_args, resolve_device, run)
+from ..data.folder import IMAGE_EXTENSIONS
+from ..data.images import read_gray, read_rgb
+from ..model import GeneratorConfig
 from ..quantizer import VGS
+from . import control
+from .loading import load_generator
 from .sampler import SampleConfig, Sampler
 
+PROG = "python -m nvg.sample"
+OUT_SUFFIXES = (".png", ".npz")
 
-def read_images(paths: list[str], size: int) -> torch.Tensor:
-    """PNG/JPEG files -> (B, 3, size, size) in [-1, 1] (RGB, resized with Lanczos)."""
+SAMPLER_HELP = {
+    "content_cfg": "CFG scale on the logits, linear from START to END over the stages",
+    "structure_cfg": "CFG scale on the structure velocity, linear from START to END over the stages",
+    "top_p": "nucleus mass in (0, 1], falling log-wise from START to END over the stages; 1 = off",
+    "top_k": "0 = off, 1 = argmax",
+    "temperature": "sampling temperature (> 0)",
+    "structure_steps": "Euler steps of the structure flow per stage",
+    "gumbel_split": "Gumbel top-k splits instead of deterministic top-k",
+    "always_cfg": "also run the unconditional pass at CFG scale 1 (as official; same result, slower)",
+}
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class SampleCommand:
+    """The command's own options (the sampler settings are SampleConfig's)."""
+
+    ckpt: str = field(metadata=_h("generator run directory or checkpoint directory"))
+    classes: tuple[str, ...] | None = field(default=None, metadata=_h("class ids or names (default: all classes)"))
+    n: int = field(default=4, metadata=_h("samples per class"))
+    seed: int = field(default=0, metadata=_h("random seed (batch b uses seed + b)"))
+    batch_size: int = field(default=64, metadata=_h("images per sampler batch"))
+    out: str = field(default="samples.png", metadata=_h(".png grid (one row per class) or .npz (images, labels)"))
+    stages: str | None = field(default=None, metadata=_h("also write the per-stage progression strip to this PNG"))
+    device: str = field(default="auto", metadata=_h("auto (cuda when available), cpu, cuda, cuda:N"))
+    ema: bool = field(default=True, metadata=_h("use the EMA weights when the run kept them (--no-ema: raw)"))
+    bf16: bool = field(default=True, metadata=_h("bf16 autocast on a GPU, as official (--no-bf16: fp32)"))
+    fast: bool = field(default=False, metadata=_h("torch.compile the transformer passes (same outputs)"))
+
+    def __post_init__(self):
+        for name in ("n", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if self.classes is not None:
+            self.classes = tuple(str(c) for c in self.classes)
+            if not self.classes:
+                raise ValueError("--classes needs at least one class")
+        if not str(self.out).lower().endswith(OUT_SUFFIXES):
+            raise ValueError(f"--out {self.out!r} must end with .png (a grid) or .npz (images and labels)")
+        if self.stages is not None:
+            if not str(self.stages).lower().endswith(".png"):
+                raise ValueError(f"--stages {self.stages!r} must end with .png")
+            if Path(self.stages).resolve() == Path(self.out).resolve():
+                raise ValueError("--stages and --out name the same file")
+        self.device = resolve_device(self.device)
+
+
+@dataclass
+class ControlOptions:
+    """Structure control (paper §7): at most one of --structure-from, --structure-map, --regenerate-from."""
+
+    structure_from: tuple[str, ...] | None = field(
+        default=None, metadata=_h("reference image(s): reuse their label maps (structure transfer)"))
+    structure_map: str | None = field(default=None, metadata=_h(".npy nested label maps (S', h, w) or a mask image"))
+    structure_stages: int = field(default=3, metadata=_h("stages of reference structure to keep"))
+    regenerate_from: tuple[str, ...] | None = field(
+        default=None, metadata=_h("reference image(s) for stage-wise regeneration"))
+    keep_stages: int = field(default=3, metadata=_h("regeneration keeps stages < this of the reference"))
+    keep_structure_only: bool = field(default=False, metadata=_h("regeneration keeps only the structure"))
+
+    def __post_init__(self):
+        given = [o for o in ("structure_from", "structure_map", "regenerate_from") if getattr(self, o)]
+        if len(given) > 1:
+            raise ValueError(f"use only one of {', '.join('--' + o.replace('_', '-') for o in given)}")
+        for name in ("structure_stages", "keep_stages"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if self.keep_structure_only and not self.regenerate_from:
+            raise ValueError("--keep-structure-only applies to --regenerate-from only")
+        m = self.structure_map
+        if m is not None and not m.lower().endswith((".npy",) + IMAGE_EXTENSIONS):
+            raise ValueError(f"--structure-map {m!r} must be a .npy file of label maps or an image "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+
+    @property
+    def references(self) -> tuple[str, ...] | None:
+        return self.structure_from or self.regenerate_from
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def resize_images(arrays: list[np.ndarray], size: int) -> torch.Tensor:
+    """uint8 RGB arrays [H, W, 3] -> (B, 3, size, size) in [-1, 1] (Lanczos)."""
     from PIL import Image
 
     out = []
-    for p in paths:
-        img = Image.open(p).convert("RGB").resize((size, size), Image.LANCZOS)
+    for a in arrays:
+        img = Image.fromarray(a).resize((size, size), Image.LANCZOS)
         out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
     return torch.stack(out)
 
 
+def read_images(paths: list[str], size: int) -> torch.Tensor:
+    """Image files -> (B, 3, size, size) in [-1, 1] (RGB via nvg.data.images.read_rgb, resized with Lanczos)."""
+    return resize_images([read_rgb(p) for p in paths], size)
+
+
+def read_structure_source(path: str) -> np.ndarray:
+    """The raw content of --structure-map: integer label maps from a .npy, or a float luminance mask from an image."""
+    if path.lower().endswith(".npy"):
+        try:
+            maps = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+        if maps.dtype.kind not in "iuf":
+            raise ValueError(f"{path}: label maps must be numbers, got dtype {maps.dtype}")
+        return maps
+    return read_gray(path)
+
+
 def read_structure(path: str, latent_hw: tuple[int, int]) -> torch.Tensor:
     """.npy label maps (S', h, w) / (B, S', h, w), or an image mask -> nested maps (B, S', N)."""
-    if path.endswith(".npy"):
-        return control.as_structure(torch.from_numpy(np.load(path)), latent_hw)
-    from PIL import Image
-
-    mask = torch.from_numpy(np.asarray(Image.open(path).convert("L")).astype(np.float32))
-    return control.mask_to_structure(mask, latent_hw)
+    return as_structure(read_structure_source(path), path, latent_hw)
 
 
+def as_structure(raw: np.ndarray, path: str, latent_hw: tuple[int, int]) -> torch.Tensor:
+    if path.lower().endswith(".npy"):
+        return control.as_structure(torch.from_numpy(raw), latent_hw)
+    return control.mask_to_structure(torch.from_numpy(raw), latent_hw)
+
+
+def parse_classes(values, names: list[str], num_classes: int) -> list[int]:
+    ids = []
+    for v in values:
+        if v.lstrip("-").isdigit():
+            c = int(v)
+        elif v in names:
+            c = names.index(v)
+        else:
+            raise ValueError(f"unknown class {v!r}: use an id in [0, {num_classes}) or one of {names}")
+        if not 0 <= c < num_classes:
+            raise ValueError(f"class id {c} out of range [0, {num_classes})")
+        ids.append(c)
+    return ids
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
 def structure_image(labels_BN: torch.Tensor, stage: int, hw: tuple[int, int], size: int) -> torch.Tensor:
     """Colour map of a label map (B, N) -> (B, 3, size, size) in [-1, 1]: one hue per cluster, spread by the bits."""
     n = max(2**stage, 1)
@@ -64,103 +198,93 @@ def progression(tok, vgs: VGS) -> torch.Tensor:
     return torch.stack(rows, 1).flatten(0, 1)
 
 
-def parse_classes(values: list[str], names: list[str], num_classes: int) -> list[int]:
-    ids = []
-    for v in values:
-        if v.lstrip("-").isdigit():
-            c = int(v)
-        elif v in names:
-            c = names.index(v)
-        else:
-            raise SystemExit(f"unknown class {v!r}: use an id in [0, {num_classes}) or one of {names}")
-        if not 0 <= c < num_classes:
-            raise SystemExit(f"class id {c} out of range [0, {num_classes})")
-        ids.append(c)
-    return ids
+def write_npz(path: str | Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """images (B, 3, H, W) in [-1, 1] -> `path` with images uint8 [B, H, W, 3] and labels int64 [B], atomically."""
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    atomic_write(path, lambda f: np.savez(f, images=arr, labels=labels.numpy().astype(np.int64)))
+
+
+# ------------------------------------------------------------------------------------------------------ command
+def parse(argv: list[str] | None) -> tuple[SampleCommand, ControlOptions, SampleConfig]:
+    """argv -> the three validated dataclasses (raises ValueError / UsageError on a bad option or value)."""
+    ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(ap, SampleCommand)
+    add_dataclass_args(ap, SampleConfig, aliases={"gumbel_split": ("--gumbel",)}, helps=SAMPLER_HELP,
+                       group="sampler settings (nvg.sample.SampleConfig)")
+    add_dataclass_args(ap, ControlOptions, group="structure control")
+    ns = ap.parse_args(argv)
+    return (dataclass_from_args(SampleCommand, ns), dataclass_from_args(ControlOptions, ns),
+            dataclass_from_args(SampleConfig, ns))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m nvg.sample", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="generator run directory or checkpoint directory")
-    ap.add_argument("--classes", nargs="+", default=None, help="class ids or names (default: all classes)")
-    ap.add_argument("--n", type=int, default=4, help="samples per class")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--out", default="samples.png", help=".png grid (one row per class) or .npz (images, labels)")
-    ap.add_argument("--stages", default=None, help="also write the per-stage progression strip to this PNG")
-    ap.add_argument("--content-cfg", type=float, nargs=2, default=(1.0, 3.5), metavar=("START", "END"))
-    ap.add_argument("--structure-cfg", type=float, nargs=2, default=(1.0, 2.5), metavar=("START", "END"))
-    ap.add_argument("--top-p", type=float, nargs=2, default=(1.0, 0.5), metavar=("START", "END"))
-    ap.add_argument("--top-k", type=int, default=0, help="0 = off, 1 = argmax")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--structure-steps", type=int, default=25)
-    ap.add_argument("--gumbel", action="store_true", help="Gumbel top-k splits instead of deterministic top-k")
-    ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    ap.add_argument("--fast", action="store_true", help="torch.compile the transformer passes (same outputs)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no-bf16", action="store_true", help="fp32 on a GPU (default there: bf16 autocast, as official)")
-    ap.add_argument("--structure-from", nargs="+", default=None, help="reference image(s): reuse their label maps")
-    ap.add_argument("--structure-map", default=None, help=".npy nested label maps or a mask image")
-    ap.add_argument("--structure-stages", type=int, default=3, help="stages of reference structure to keep")
-    ap.add_argument("--regenerate-from", nargs="+", default=None, help="reference image(s) for stage-wise regeneration")
-    ap.add_argument("--keep-stages", type=int, default=3, help="keep stages < this of the reference")
-    ap.add_argument("--keep-structure-only", action="store_true", help="regeneration keeps only the structure")
-    a = ap.parse_args(argv)
-    if a.n < 1 or a.batch_size < 1:
-        raise SystemExit("--n and --batch-size must be >= 1")
-    model, tok, config = load_generator(a.ckpt, ema=False if a.no_ema else None, device=a.device)
-    names = config.get("class_names") or []
-    nc = model.config.num_classes
-    classes = parse_classes(a.classes, names, nc) if a.classes else list(range(nc))
-    sampler = Sampler(model, tok.quantize, fast=a.fast)
-    sc = SampleConfig(content_cfg=tuple(a.content_cfg), structure_cfg=tuple(a.structure_cfg), top_p=tuple(a.top_p),
-                      top_k=a.top_k, temperature=a.temperature, structure_steps=a.structure_steps,
-                      gumbel_split=a.gumbel)
-    y_all = torch.tensor(classes).repeat_interleave(a.n)
+    cmd, ctl, sc = parse(argv)
+    # every path and value is checked before the model is loaded
+    check_input_path(cmd.ckpt, "generator checkpoint")
+    ref_arrays = [read_rgb(p) for p in ctl.references] if ctl.references else None
+    raw_map = read_structure_source(check_input_path(ctl.structure_map, "structure map", "file")) \
+        if ctl.structure_map else None
+    check_output_path(cmd.out, OUT_SUFFIXES, "--out")
+    if cmd.stages:
+        check_output_path(cmd.stages, (".png",), "--stages")
+    ckpt = checkpoint.open_checkpoint(cmd.ckpt, "generator")
+    try:
+        gcfg = GeneratorConfig(**ckpt.config["model"])
+    except (KeyError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"{ckpt.path}: config.json has no valid generator model ({e})") from None
+    names = ckpt.config.get("class_names") or []
+    classes = parse_classes(cmd.classes, names, gcfg.num_classes) if cmd.classes else list(range(gcfg.num_classes))
+    S = gcfg.num_stages
+    if ctl.structure_from and ctl.structure_stages > S:
+        raise ValueError(f"--structure-stages must be in [1, {S}] for this generator, got {ctl.structure_stages}")
+    if ctl.regenerate_from and ctl.keep_stages >= S:
+        raise ValueError(f"--keep-stages must be in [1, {S - 1}] for this generator, got {ctl.keep_stages}")
+    maps = as_structure(raw_map, ctl.structure_map, tuple(gcfg.latent_hw)) if raw_map is not None else None
+
+    model, tok, _ = load_generator(ckpt.path, ema=None if cmd.ema else False, device=cmd.device)
+    sampler = Sampler(model, tok, fast=cmd.fast)
+    y_all = torch.tensor(classes).repeat_interleave(cmd.n)
     refs = None
-    if a.structure_from or a.regenerate_from:
-        refs = read_images(a.structure_from or a.regenerate_from, tok.config.image_size)
+    if ref_arrays:
+        refs = resize_images(ref_arrays, tok.config.image_size)
         refs = refs[torch.arange(len(y_all)) % len(refs)]
-    maps = read_structure(a.structure_map, model.config.latent_hw) if a.structure_map else None
-    images, seqs = [], []
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.device.startswith("cuda") and not a.no_bf16)
-    for s in range(0, len(y_all), a.batch_size):
-        y = y_all[s:s + a.batch_size].to(a.device)
-        seed = a.seed + s // a.batch_size
-        batch_refs = refs[s:s + a.batch_size].to(a.device) if refs is not None else None
+    images, first = [], None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cmd.device.startswith("cuda") and cmd.bf16)
+    for s in range(0, len(y_all), cmd.batch_size):
+        y = y_all[s:s + cmd.batch_size].to(cmd.device)
+        seed = cmd.seed + s // cmd.batch_size
+        batch_refs = refs[s:s + cmd.batch_size].to(cmd.device) if refs is not None else None
         with amp:
-            if a.regenerate_from:
-                vgs = control.regenerate(sampler, tok, batch_refs, a.keep_stages, y, a.keep_structure_only, sc, seed)
-            elif a.structure_from:
-                vgs = control.structure_transfer(sampler, tok, batch_refs, y, a.structure_stages, sc, seed)
+            if ctl.regenerate_from:
+                vgs = control.regenerate(sampler, tok, batch_refs, ctl.keep_stages, y, ctl.keep_structure_only, sc,
+                                         seed)
+            elif ctl.structure_from:
+                vgs = control.structure_transfer(sampler, tok, batch_refs, y, ctl.structure_stages, sc, seed)
             elif maps is not None:
                 m = maps if maps.shape[0] == 1 else maps[torch.arange(s, s + len(y)) % maps.shape[0]]
-                vgs = control.structure_guided(sampler, y, m.to(a.device), sc, seed)
+                vgs = control.structure_guided(sampler, y, m.to(cmd.device), sc, seed)
             else:
                 vgs = sampler.generate(y, sc, seed=seed)
         images.append(tok.decode(vgs.f_hat.float()).float().cpu())
-        seqs.append(vgs)
+        first = vgs if first is None else first
     images = torch.cat(images)
-    out = Path(a.out)
-    if out.suffix == ".npz":
-        arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, images=arr, labels=y_all.numpy().astype(np.int64))
+    scale = max(1, 128 // images.shape[-1])
+    from ..train.common import save_image_grid  # atomic PNG writer
+
+    if cmd.out.lower().endswith(".npz"):
+        write_npz(cmd.out, images, y_all)
     else:
-        T.save_image_grid(images, out, nrow=a.n, scale=max(1, 128 // images.shape[-1]))
-    print(f"wrote {len(images)} samples of classes {classes} to {out}")
-    result = {"images": str(out)}
-    if a.stages:
-        first = seqs[0]
+        save_image_grid(images, cmd.out, nrow=cmd.n, scale=scale)
+    print(f"wrote {len(images)} samples of classes {classes} to {cmd.out}")
+    result = {"images": str(cmd.out)}
+    if cmd.stages:
         k = min(8, len(first.tokens[0]))
         sub = VGS([t[:k] for t in first.tokens], first.labels[:k], first.canvas[:k], first.f_hat[:k])
-        T.save_image_grid(progression(tok, sub), a.stages, nrow=2 * model.config.num_stages,
-                          scale=max(1, 128 // images.shape[-1]))
-        print(f"wrote the per-stage progression (structure map, decoded canvas after each stage) to {a.stages}")
-        result["stages"] = a.stages
+        save_image_grid(progression(tok, sub), cmd.stages, nrow=2 * S, scale=scale)
+        print(f"wrote the per-stage progression (structure map, decoded canvas after each stage) to {cmd.stages}")
+        result["stages"] = cmd.stages
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run(main, PROG)
