@@ -1,4 +1,6 @@
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from PIL import Image
 from nvg.data import fashion_mnist as fm
 from nvg.data import load_dataset
 from nvg.data.folder import crop, resize_shorter_side
+from nvg.data.images import read_gray, read_rgb
 
 
 def _check_item(ds, image_size):
@@ -134,3 +137,91 @@ def test_dataloader_batches():
 def test_bad_arguments(args, err, match):
     with pytest.raises(err, match=match):
         load_dataset(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One image reader: every bit depth rescaled to uint8 RGB (nvg/data/images.py)
+# ----------------------------------------------------------------------------------------------------------------------
+def _write_png16(path, a):
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit RGB): uint16 [H,W] / [H,W,C], C = 2 (gray+alpha),
+    3 (RGB) or 4 (RGBA)."""
+    a = np.asarray(a, dtype=">u2")
+    a = a[..., None] if a.ndim == 2 else a
+    h, w, c = a.shape
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + a[y].tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_read_rgb_16bit_gray_is_rescaled_not_saturated(tmp_path):
+    Image.fromarray(np.full((4, 6), 32896, np.uint16)).save(tmp_path / "mid.png")  # mode "I;16"
+    assert Image.open(tmp_path / "mid.png").mode == "I;16"
+    assert np.asarray(Image.open(tmp_path / "mid.png").convert("RGB")).max() == 255  # what PIL alone does
+    x = read_rgb(tmp_path / "mid.png")
+    assert x.dtype == np.uint8 and x.shape == (4, 6, 3) and (x == 128).all()
+    ramp = np.array([[0, 257, 65535, 32767]], np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert read_rgb(tmp_path / "ramp.png")[0, :, 0].tolist() == [0, 1, 255, 127]
+    _write_png16(tmp_path / "raw.png", np.full((3, 3), 0x8080))  # the same through the raw writer
+    assert (read_rgb(tmp_path / "raw.png") == 128).all()
+
+
+def test_read_rgb_16bit_colour_alpha_and_other_modes(tmp_path):
+    rgb = np.zeros((2, 2, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 65535, 32896, 0
+    _write_png16(tmp_path / "rgb48.png", rgb)
+    assert read_rgb(tmp_path / "rgb48.png")[0, 0].tolist() == [255, 128, 0]
+    rgba = np.concatenate([rgb, np.full((2, 2, 1), 0x4000, np.uint16)], -1)
+    _write_png16(tmp_path / "rgba64.png", rgba)
+    assert read_rgb(tmp_path / "rgba64.png")[0, 0].tolist() == [255, 128, 0]  # alpha dropped, not composited
+    _write_png16(tmp_path / "la.png", np.stack([np.full((2, 2), 32896), np.zeros((2, 2))], -1))
+    assert (read_rgb(tmp_path / "la.png") == 128).all()  # fully transparent: the gray value is kept
+    Image.fromarray(np.full((2, 2), 30000, np.int32)).save(tmp_path / "i32.tif")  # mode "I"
+    assert (read_rgb(tmp_path / "i32.tif") == round(30000 / 257)).all()
+    Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(tmp_path / "f.tif")  # mode "F", [0, 1]
+    assert (read_rgb(tmp_path / "f.tif") == 128).all()
+    Image.fromarray(np.full((2, 2), 200.0, np.float32)).save(tmp_path / "f255.tif")
+    with pytest.raises(ValueError, match=r"only \[0, 1\]"):
+        read_rgb(tmp_path / "f255.tif")
+    Image.fromarray(np.full((2, 2), -5, np.int32)).save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match="0..65535"):
+        read_rgb(tmp_path / "neg.tif")
+    Image.new("1", (2, 2), 1).save(tmp_path / "bit.png")
+    assert (read_rgb(tmp_path / "bit.png") == 255).all()
+    Image.new("RGB", (2, 2), (10, 200, 30)).convert("P").save(tmp_path / "pal.png")
+    assert read_rgb(tmp_path / "pal.png").shape == (2, 2, 3)
+    Image.new("LA", (2, 2), (77, 0)).save(tmp_path / "la8.png")
+    assert (read_rgb(tmp_path / "la8.png") == 77).all()
+    assert read_gray(tmp_path / "rgb48.png")[0, 0] == pytest.approx(0.299 * 255 + 0.587 * 128, abs=0.01)
+
+
+def test_read_rgb_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_rgb(tmp_path / "missing.png")
+    with pytest.raises(IsADirectoryError):
+        read_rgb(tmp_path)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image file"):
+        read_rgb(tmp_path / "text.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.png"):
+        read_rgb(tmp_path / "cut.png")
+
+
+def test_folder_dataset_reads_16bit_png(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((20, 20), 32896, np.uint16)).save(tmp_path / name / "x.png")
+    x, label = load_dataset(str(tmp_path), "val", 16)[1]
+    assert label == 1 and x.shape == (3, 16, 16)
+    torch.testing.assert_close(x, torch.full_like(x, 128 / 127.5 - 1))  # mid-gray, not white (1.0)
+    (tmp_path / "a" / "broken.png").write_text("no")
+    with pytest.raises(ValueError, match="broken.png: not an image file"):
+        load_dataset(str(tmp_path), "val", 16)[0]
