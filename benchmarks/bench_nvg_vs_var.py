@@ -11,7 +11,7 @@ Groups (one table each; VAR, the baseline, runs first; NVG's extra_info has spee
 median, measured in the same run):
   sample-b1-<size>     latency of one image, class-conditional, CFG on, tokens -> image (VAE decode included)
   sample-b16/b64-...   throughput (images_per_s in extra_info); on a GPU also `var_graphs`: VAR with one CUDA graph
-                       per scale (nvg.baselines.var.graphs.GraphedSampler)
+                       per scale (`VARSampler(graphs=True)`, nvg.baselines.var.graphs)
   decode-b16-<size>    the VAE decoder alone (latent -> image), reported separately
   train-b<n>-<size>    one optimizer step of the generator / transformer on tokens extracted beforehand (the
                        tokenizer's encoder is not timed: both methods can pre-extract); images_per_s in extra_info
@@ -29,10 +29,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nvg.baselines.var.graphs import GraphedSampler
-from nvg.baselines.var.model import VAR
-from nvg.baselines.var.sample import make_caches, sample_indices
-from nvg.baselines.var.vqvae import VQVAE
+from nvg.baselines.var.model import VAR, VARConfig
+from nvg.baselines.var.sample import VARSampleConfig, VARSampler
+from nvg.baselines.var.vqvae import VQVAE, VQVAEConfig
 from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
 from nvg.sample import SampleConfig, Sampler
 from nvg.tokenizer import Tokenizer
@@ -79,12 +78,12 @@ def build(size: str, model: str):
         torch.manual_seed(0)
         nvg_name, nvg_tok, var_name, var_tok = PRESETS[size]
         if model == "var":
-            tok = VQVAE.from_name(var_tok)
-            gen = VAR.from_name(var_name)
+            tok = VQVAE(VQVAEConfig.from_name(var_tok))
+            gen = VAR(VARConfig.from_name(var_name))
         else:
             tok = Tokenizer(nvg_tok)
             cfg = GeneratorConfig.from_name(nvg_name, latent_dim=tok.config.latent_channels,
-                                            vocab_size=tok.config.codebook_size)
+                                            vocab_size=tok.config.vocab_size)
             gen = NVGGenerator(cfg)
         _CACHE[key] = (gen.to(DEVICE).eval(), tok.to(DEVICE).eval())
     return _CACHE[key]
@@ -94,33 +93,16 @@ def sampler_fn(size: str, model: str, batch: int):
     """A callable that samples `batch` images (tokens -> image) and synchronises."""
     gen, tok = build(size, model)
     labels = torch.arange(batch, device=DEVICE) % 10
-    if model == "var_graphs":
-        graphed = GraphedSampler(gen, tok.quantize, batch, autocast_dtype=AMP_DTYPE)
-
-        def run():
-            g = torch.Generator(DEVICE).manual_seed(0)
-            _, f_hat = graphed(labels, cfg=1.5, top_k=900, top_p=0.96, generator=g)
-            with torch.no_grad(), amp():
-                tok.fhat_to_img(f_hat)
-            sync()
-    elif model == "var":
-        caches = make_caches(gen, 2 * batch, DEVICE, AMP_DTYPE or torch.float32)
-
-        def run():
-            g = torch.Generator(DEVICE).manual_seed(0)
-            _, f_hat = sample_indices(gen, tok.quantize, labels, cfg=1.5, top_k=900, top_p=0.96, generator=g,
-                                      autocast_dtype=AMP_DTYPE, caches=caches)
-            with torch.no_grad(), amp():
-                tok.fhat_to_img(f_hat)
-            sync()
+    if model.startswith("var"):  # released FID settings; the sampler keeps its caches / graphs between calls
+        sampler = VARSampler(gen, tok, graphs=model == "var_graphs", autocast_dtype=AMP_DTYPE)
+        config = VARSampleConfig()
     else:
-        sampler = Sampler(gen, tok.quantize, fast=HAS_CUDA)
+        sampler, config = Sampler(gen, tok, fast=HAS_CUDA), SampleConfig()
 
-        def run():
-            with torch.no_grad(), amp():
-                vgs = sampler.generate(labels, SampleConfig(), seed=0)
-                tok.decode(vgs.f_hat)
-            sync()
+    def run():
+        with torch.no_grad(), amp():
+            sampler.sample(labels, config, seed=0)
+        sync()
     return run
 
 
@@ -171,11 +153,10 @@ def decode_fn(size: str, model: str, batch: int):
     if model == "var":
         c = tok.config
         f_hat = torch.randn(batch, c.latent_channels, c.patch_nums[-1], c.patch_nums[-1], device=DEVICE)
-        decode = tok.fhat_to_img
     else:
         c = gen.config
         f_hat = torch.randn(batch, c.num_positions, c.latent_dim, device=DEVICE)
-        decode = tok.decode
+    decode = tok.decode  # a latent f_hat -> images, on both tokenizers
 
     def run():
         with torch.no_grad(), amp():
@@ -213,7 +194,7 @@ def train_step_fn(size: str, model: str, batch: int):
     labels = torch.arange(batch, device=DEVICE) % 10
     with torch.no_grad():
         if model == "var":
-            idx = tok.img_to_indices(x)
+            idx = tok.encode(x)
             x_BLCv, target = tok.quantize.indices_to_var_input(idx), torch.cat(idx, 1)
         else:
             vgs = tok.encode(x)

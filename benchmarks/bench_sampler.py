@@ -18,8 +18,8 @@ import torch
 import nvg  # noqa: F401
 from conftest import device_name, sync
 from nvg.model import GeneratorConfig, NVGGenerator
-from nvg.quantizer import MultiGranularityQuantizer
 from nvg.sample import SampleConfig, Sampler
+from nvg.tokenizer import Tokenizer, TokenizerConfig
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -31,9 +31,12 @@ def build(preset: str):
     torch.manual_seed(0)
     cfg = GeneratorConfig.from_name(preset)
     model = NVGGenerator(cfg).to(DEVICE).eval()
-    quant = MultiGranularityQuantizer(cfg.vocab_size, cfg.latent_dim, cfg.latent_hw).to(DEVICE)
-    quant.embedding.weight.data.normal_()
-    return model, quant
+    side = cfg.latent_hw[0]  # a small tokenizer whose quantizer fits (generate does not decode)
+    tok = Tokenizer(TokenizerConfig(image_size=4 * side, latent_size=side, base_channels=8, channel_mult=(1, 1, 1),
+                                    num_res_blocks=1, latent_channels=cfg.latent_dim, codebook_size=cfg.vocab_size,
+                                    norm_groups=4)).to(DEVICE).eval()
+    tok.quantize.embedding.weight.data.normal_()
+    return model, tok
 
 
 def run(sampler: Sampler, batch: int, num_classes: int):
@@ -49,9 +52,9 @@ def run(sampler: Sampler, batch: int, num_classes: int):
 @pytest.mark.parametrize("preset,batch", CASES, ids=[f"{p}-b{b}" for p, b in CASES])
 @pytest.mark.parametrize("path", ["plain", "fast"])
 def test_sampler(benchmark, record_baseline, report_ratio, preset, batch, path):
-    model, quant = build(preset)
-    sampler = Sampler(model, quant, fast=(path == "fast"))
-    reference = run(Sampler(model, quant), batch, model.config.num_classes) if path == "fast" else None
+    model, tok = build(preset)
+    sampler = Sampler(model, tok, fast=(path == "fast"))
+    reference = run(Sampler(model, tok), batch, model.config.num_classes) if path == "fast" else None
     out = run(sampler, batch, model.config.num_classes)  # warm-up (compilation, CUDA graph capture)
     benchmark.pedantic(run, args=(sampler, batch, model.config.num_classes), rounds=3, warmup_rounds=1)
     key = (preset, batch)
@@ -59,7 +62,7 @@ def test_sampler(benchmark, record_baseline, report_ratio, preset, batch, path):
     if path == "plain":
         record_baseline(key, benchmark)
     else:
-        report_ratio(key, "plain", benchmark, lambda: run(Sampler(model, quant), batch, model.config.num_classes))
+        report_ratio(key, "plain", benchmark, lambda: run(Sampler(model, tok), batch, model.config.num_classes))
         benchmark.extra_info["same_tokens"] = bool(torch.equal(out.tokens_cat(), reference.tokens_cat())
                                                    and torch.equal(out.labels, reference.labels))
     if HAS_CUDA and preset == "nvg-d16" and benchmark.stats is not None:

@@ -62,6 +62,11 @@ class TokenizerConfig:
     def num_stages(self) -> int:
         return int(math.log2(self.latent_size**2)) + 1
 
+    @property
+    def vocab_size(self) -> int:
+        """The codebook size, under the name VAR's VQVAEConfig and both generators' configs use."""
+        return self.codebook_size
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)

@@ -22,7 +22,7 @@ def setup():
                                     num_res_blocks=1, latent_channels=cfg.latent_dim, codebook_size=cfg.vocab_size,
                                     norm_groups=4)).eval()
     tok.quantize.embedding.weight.data.normal_()
-    return Sampler(model, tok.quantize), tok
+    return Sampler(model, tok), tok
 
 
 def _maps(B, stages, N=16, seed=0):

@@ -6,7 +6,7 @@ import torch
 
 import nvg  # noqa: F401
 from nvg.model import GeneratorConfig, NVGGenerator
-from nvg.quantizer import MultiGranularityQuantizer
+from nvg.tokenizer import Tokenizer, TokenizerConfig
 from nvg.sample.sampler import SampleConfig, Sampler, filter_top_k_top_p, linear_schedule, negative_log_sequence, time_schedule
 from nvg.structure import check_nested
 
@@ -18,13 +18,21 @@ def ref(nvg_reference):
     return nvg_reference
 
 
+def tokenizer_for(cfg: GeneratorConfig) -> Tokenizer:
+    """A small tokenizer whose quantizer fits `cfg` (the generator only needs the quantizer; `sample` decodes)."""
+    side = cfg.latent_hw[0]
+    return Tokenizer(TokenizerConfig(image_size=4 * side, latent_size=side, base_channels=8, channel_mult=(1, 1, 1),
+                                     num_res_blocks=1, latent_channels=cfg.latent_dim, codebook_size=cfg.vocab_size,
+                                     norm_groups=4)).eval()
+
+
 @pytest.fixture(scope="module")
 def official_sampler(ref):
     model = NVGGenerator(GeneratorConfig(depth=2)).eval()
     model.load_state_dict(ref["gen_d2.state_dict"])
-    quant = MultiGranularityQuantizer(4096, 32)
-    quant.load_state_dict(ref["quant.state_dict"])
-    return Sampler(model, quant)
+    tok = tokenizer_for(model.config)
+    tok.quantize.load_state_dict(ref["quant.state_dict"])
+    return Sampler(model, tok)
 
 
 def test_schedules_match_official(ref):
@@ -77,9 +85,9 @@ def tiny_sampler(seed=0):
     torch.manual_seed(seed)
     cfg = GeneratorConfig.from_name("nvg-test")
     model = NVGGenerator(cfg).eval()
-    quant = MultiGranularityQuantizer(cfg.vocab_size, cfg.latent_dim, cfg.latent_hw)
-    quant.embedding.weight.data.normal_()
-    return Sampler(model, quant)
+    tok = tokenizer_for(cfg)
+    tok.quantize.embedding.weight.data.normal_()
+    return Sampler(model, tok)
 
 
 def test_shapes_and_nesting():
@@ -121,6 +129,11 @@ def test_bad_inputs():
         s.generate(torch.tensor([10 + 1]), seed=0)
     with pytest.raises(ValueError, match="temperature"):
         SampleConfig(temperature=0)
+    for bad in ((1.0, 0.0), (0.0, 0.5), (1.5, 1.0)):
+        with pytest.raises(ValueError, match=r"top_p in \(0, 1\] \(1.0 = off\)"):
+            SampleConfig(top_p=bad)
+    with pytest.raises(ValueError, match=r"top_p in \(0, 1\]"):
+        filter_top_k_top_p(torch.zeros(1, 4), top_p=0.0)
     with pytest.raises(ValueError, match="eps_BNK"):
         s.generate(torch.tensor([1]), seed=0, eps_BNK=torch.zeros(1, 3, 3))
 
@@ -129,7 +142,7 @@ def test_bad_inputs():
 @pytest.mark.slow
 def test_fast_path_gives_the_same_tokens():
     s = tiny_sampler()
-    fast = Sampler(s.model, s.quantizer, fast=True)
+    fast = Sampler(s.model, s.tokenizer, fast=True)
     sc = SampleConfig(top_k=1, structure_steps=2)
     a = s.generate(torch.tensor([1, 2]), sc, seed=4)
     b = fast.generate(torch.tensor([1, 2]), sc, seed=4)

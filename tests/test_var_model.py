@@ -44,7 +44,7 @@ def released_shapes(key_file, depth: int) -> dict[str, tuple[int, ...]]:
 def test_released_checkpoint_layout(depth, reference_dir):
     """Keys and shapes of var_d{depth}.pth, nothing more (built on the meta device: no memory)."""
     with torch.device("meta"):
-        model = VAR.from_name(f"var-d{depth}")
+        model = VAR(VARConfig.from_name(f"var-d{depth}"))
     ours = {k: tuple(v.shape) for k, v in official_var_state_dict(model).items()}
     assert ours == released_shapes(reference_dir / "var_d16_keys.txt", depth)
     config = var_config_from_state_dict(model.state_dict())
@@ -53,7 +53,7 @@ def test_released_checkpoint_layout(depth, reference_dir):
 
 def test_d16_parameter_count():
     with torch.device("meta"):
-        model = VAR.from_name("var-d16")
+        model = VAR(VARConfig.from_name("var-d16"))
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 310.3
 
 
@@ -84,7 +84,7 @@ def test_block_causal_mask(reference):
 
 def test_training_step_backward():
     torch.manual_seed(0)
-    model = VAR.from_name("var-tiny", drop_path_rate=0.1).train()
+    model = VAR(VARConfig.from_name("var-tiny", drop_path_rate=0.1)).train()
     labels = torch.tensor([0, 3, 9])
     x = torch.randn(3, model.config.seq_len - 1, model.config.latent_channels)
     logits = model(labels, x)
@@ -94,7 +94,7 @@ def test_training_step_backward():
 
 
 def test_bad_inputs_raise_clear_errors(reference):
-    model = VAR.from_name("var-tiny")
+    model = VAR(VARConfig.from_name("var-tiny"))
     with pytest.raises(ValueError, match=r"x_BLCv must be"):
         model(torch.tensor([1]), torch.zeros(1, 10, 16))
     with pytest.raises(ValueError, match="labels must be long"):

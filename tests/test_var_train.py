@@ -35,7 +35,7 @@ def test_tokenizer_stage_writes_a_loadable_checkpoint(tokenizer_run):
     assert result["tokenizer"]["steps"] == 2 and (out / "tokenizer" / "metrics.json").exists()
     vae = load_tokenizer(str(out / "tokenizer"), ema=True, device="cpu")
     assert not vae.training and all(not p.requires_grad for p in vae.parameters())
-    idx = vae.img_to_indices(torch.zeros(1, 3, 32, 32))
+    idx = vae.encode(torch.zeros(1, 3, 32, 32))
     assert [t.shape[1] for t in idx] == [1, 4, 9, 16, 36, 64]
 
 

@@ -7,7 +7,7 @@ import torch
 from nvg.baselines.var.convert import load_vqvae, vqvae_config_from_state_dict
 from nvg.checkpoint import check_state_dict
 from nvg.baselines.var.quant import phi_index_per_scale
-from nvg.baselines.var.vqvae import VQVAE
+from nvg.baselines.var.vqvae import VQVAE, VQVAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
 
@@ -42,7 +42,7 @@ def test_released_checkpoint_layout(reference_dir):
     """Every key and shape of vae_ch160v4096z32.pth, nothing more (built on the meta device: no memory)."""
     expected = read_key_file(reference_dir / "var_vae_ch160v4096z32_keys.txt")
     with torch.device("meta"):
-        model = VQVAE.from_name("var-vae-ch160")
+        model = VQVAE(VQVAEConfig.from_name("var-vae-ch160"))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == expected
     assert vqvae_config_from_state_dict(model.state_dict()) == model.config
@@ -51,11 +51,11 @@ def test_released_checkpoint_layout(reference_dir):
 def test_reference_tokens_reconstruction_and_var_input(reference, vae):
     img = reference["img"]
     with torch.no_grad():
-        idx = vae.img_to_indices(img)
+        idx = vae.encode(img)
         assert len(idx) == 10
         for ours, theirs in zip(idx, reference["idx"]):
             assert torch.equal(ours, theirs)
-        torch.testing.assert_close(vae.indices_to_img(reference["idx"]), reference["rec"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(vae.decode(reference["idx"]), reference["rec"], atol=1e-4, rtol=0)
         torch.testing.assert_close(vae.quantize.indices_to_var_input(reference["idx"]), reference["var_input"],
                                    atol=1e-5, rtol=0)
 
@@ -63,7 +63,7 @@ def test_reference_tokens_reconstruction_and_var_input(reference, vae):
 def test_multiscale_round_trip():
     """encode -> tokens -> f_hat equals the encoder's own cumulative f_hat; decode keeps the image shape."""
     torch.manual_seed(0)
-    vae = VQVAE.from_name("var-vae-tiny").eval()
+    vae = VQVAE(VQVAEConfig.from_name("var-vae-tiny")).eval()
     img = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         idx, f_hat_list = vae.quantize.encode(vae.encode_latent(img))
@@ -75,12 +75,14 @@ def test_multiscale_round_trip():
         for k in range(1, len(idx)):
             step = q._upsampled_residual(k, q.indices_to_embedding(idx[k]))
             torch.testing.assert_close(f_hat_list[k] - f_hat_list[k - 1], step, atol=1e-5, rtol=0)
-        assert vae.indices_to_img(idx).shape == img.shape
+        assert vae.decode(idx).shape == img.shape
+        assert torch.equal(vae.decode(idx), vae.decode(f_hat_list[-1]))  # token maps or their latent
+        assert all(torch.equal(a, b) for a, b in zip(vae.encode(img), idx))
 
 
 def test_training_forward_and_gradients():
     torch.manual_seed(0)
-    vae = VQVAE.from_name("var-vae-tiny")
+    vae = VQVAE(VQVAEConfig.from_name("var-vae-tiny"))
     img = torch.rand(2, 3, 32, 32) * 2 - 1
     rec, vq_loss, hits = vae(img)
     assert rec.shape == img.shape and vq_loss.ndim == 0 and hits.shape == (6, 1024)
@@ -92,9 +94,9 @@ def test_training_forward_and_gradients():
 
 
 def test_bad_inputs_raise_clear_errors(reference):
-    vae = VQVAE.from_name("var-vae-tiny")
+    vae = VQVAE(VQVAEConfig.from_name("var-vae-tiny"))
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
-        vae.img_to_indices(torch.zeros(1, 3, 64, 64))
+        vae.encode(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="token map 1"):
         vae.quantize.indices_to_fhat([torch.zeros(1, pn * pn + (k == 1), dtype=torch.long)
                                       for k, pn in enumerate(vae.config.patch_nums)])

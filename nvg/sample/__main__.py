@@ -15,7 +15,6 @@ value or path prints one line and exits with code 2. Outputs are written atomica
 from __future__ import annotations
 
 import argparse
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,9 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     maps = as_structure(raw_map, ctl.structure_map, tuple(gcfg.latent_hw)) if raw_map is not None else None
 
     model, tok, _ = load_generator(ckpt.path, ema=None if cmd.ema else False, device=cmd.device)
-    # Sampler takes the tokenizer (the unified VAR/NVG API); older versions took its quantizer
-    takes_tokenizer = "tokenizer" in inspect.signature(Sampler).parameters
-    sampler = Sampler(model, tok if takes_tokenizer else tok.quantize, fast=cmd.fast)
+    sampler = Sampler(model, tok, fast=cmd.fast)
     y_all = torch.tensor(classes).repeat_interleave(cmd.n)
     refs = None
     if ref_arrays:

@@ -7,6 +7,11 @@ generator.py), and HF transformers' `top_k_top_p_filtering`.
 Control (spec §7) is part of the same loop: fixed label maps for the first stages (structure-guided generation,
 structure transfer) and fixed tokens for the first stages (stage-wise regeneration); see nvg/sample/control.py.
 The command line (`python -m nvg.sample`) lives in nvg/sample/__main__.py.
+
+    sampler = Sampler(generator, tokenizer)                  # fast=True: compiled passes (CUDA graphs on a GPU)
+    images = sampler.sample(classes, SampleConfig(), seed=0)   # (B, 3, H, W) in [-1, 1]
+    vgs = sampler.generate(classes, SampleConfig(), seed=0)    # the visual granularity sequences
+VAR's sampler has the same call: nvg.baselines.var.sample.VARSampler(var, vae).
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model import NVGGenerator
-from ..quantizer import VGS, MultiGranularityQuantizer
+from ..quantizer import VGS
 from ..structure import check_nested, split_clusters, structure_embedding
+from ..tokenizer import Tokenizer
 
 
 @dataclass
 class SampleConfig:
     content_cfg: tuple[float, float] = (1.0, 3.5)  # CFG scale on the logits, linear over the stages (official eval)
     structure_cfg: tuple[float, float] = (1.0, 2.5)  # CFG scale on the structure velocity, linear over the stages
-    top_p: tuple[float, float] = (1.0, 0.5)  # nucleus mass falling log-wise over the stages (official eval)
+    top_p: tuple[float, float] = (1.0, 0.5)  # nucleus mass in (0, 1], falling log-wise over the stages; 1.0 = off
     top_k: int = 0  # 0 = off; 1 = argmax (deterministic, ignores temperature and top-p)
     temperature: float = 1.0
     structure_steps: int = 25  # Euler steps of the structure flow per stage
@@ -41,7 +47,8 @@ class SampleConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not all(0 < p <= 1 for p in self.top_p):
-            raise ValueError(f"need top_k >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+            raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {self.top_k}, "
+                             f"{self.top_p}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -74,7 +81,10 @@ def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
     """Logits with the tokens outside the top-k and outside the smallest set of mass >= top_p set to -inf.
 
     The first token whose cumulative probability exceeds top_p is kept (nucleus filtering, Holtzman et al.).
+    top_k = 0 and top_p = 1.0 are off; top_p must be in (0, 1].
     """
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {top_k}, {top_p}")
     logits = logits.clone()
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
@@ -111,20 +121,21 @@ def _cfg_mix(out: Tensor, B: int, scale: float) -> Tensor:
 
 
 class Sampler:
-    """Faithful NVG sampler for one generator + quantizer pair.
+    """Faithful NVG sampler for one generator + tokenizer pair (the tokenizer's quantizer embeds the sampled tokens,
+    its decoder turns them into images in `sample`).
 
     `fast=True` runs the two transformer passes through `torch.compile` (CUDA graphs on a GPU: every stage has the
     same shapes, so one graph per pass serves all stages); it computes the same function as the plain path.
     """
 
-    def __init__(self, model: NVGGenerator, quantizer: MultiGranularityQuantizer, fast: bool = False):
-        cfg = model.config
+    def __init__(self, model: NVGGenerator, tokenizer: Tokenizer, fast: bool = False):
+        cfg, quantizer = model.config, tokenizer.quantize
         if quantizer.num_stages != cfg.num_stages or quantizer.dim != cfg.latent_dim or \
                 quantizer.codebook_size != cfg.vocab_size:
             raise ValueError(f"generator (stages {cfg.num_stages}, C {cfg.latent_dim}, V {cfg.vocab_size}) does not "
                              f"fit the quantizer (stages {quantizer.num_stages}, C {quantizer.dim}, "
                              f"V {quantizer.codebook_size})")
-        self.model, self.quantizer, self.fast = model, quantizer, fast
+        self.model, self.tokenizer, self.quantizer, self.fast = model, tokenizer, quantizer, fast
         self._content = model.forward_content
         self._structure = model.forward_structure
         if fast:
@@ -196,7 +207,7 @@ class Sampler:
 
     # -------------------------------------------------------------------------------------------------- all stages
     @torch.no_grad()
-    def generate(self, classes_B: Tensor, sc: SampleConfig | None = None, *, seed: int | None = None,
+    def generate(self, classes_B: Tensor, config: SampleConfig | None = None, *, seed: int | None = None,
                  generator: torch.Generator | None = None, eps_BNK: Tensor | None = None,
                  structure: Tensor | None = None, tokens: list[Tensor] | None = None,
                  trace: dict | None = None) -> VGS:
@@ -204,7 +215,7 @@ class Sampler:
 
         Args:
             classes_B: long (B,) class ids in [0, num_classes) (num_classes = unconditional).
-            sc: sampling settings (official schedules by default).
+            config: sampling settings (official schedules by default).
             seed / generator: randomness (structure noise, token sampling, Gumbel splits); same seed, same output.
             eps_BNK: the structure noise (B, N, K) drawn once per image (default N(0, 1) from the generator).
             structure: long (B, S', N) nested label maps for stages 0..S'-1 to use instead of sampling them.
@@ -213,7 +224,7 @@ class Sampler:
         Returns:
             VGS with tokens (list of (B, 2**i)), labels (B, S, N), canvas (B, S, N, C) (stage inputs), f_hat (B, N, C).
         """
-        sc = sc or SampleConfig()
+        sc = config or SampleConfig()
         m, q, cfg = self.model, self.quantizer, self.model.config
         S, N, K, C = cfg.num_stages, cfg.num_positions, cfg.K, cfg.latent_dim
         dev = next(m.parameters()).device
@@ -262,6 +273,13 @@ class Sampler:
                                               sc.gumbel_split, generator, trace)
         return VGS(tokens=all_tokens, labels=torch.stack(all_labels, 1), canvas=torch.stack(all_canvas, 1),
                    f_hat=canvas)
+
+    @torch.no_grad()
+    def sample(self, classes_B: Tensor, config: SampleConfig | None = None, *, seed: int | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Class-conditional images (B, 3, H, W) in [-1, 1], fp32: `generate`, then the tokenizer decodes f_hat."""
+        vgs = self.generate(classes_B, config, seed=seed, generator=generator)
+        return self.tokenizer.decode(vgs.f_hat.float()).float()
 
     @staticmethod
     def _check_control(structure, tokens, B, S, N, dev) -> int:

@@ -112,7 +112,7 @@ def write_samples(model: NVGGenerator, tok: Tokenizer, num_classes: int, per_cla
                   tag: str, seed: int = 0) -> Path:
     """One row per class (`samples_<tag>.png`) and a per-stage strip of the first sample of each class."""
     model.eval()
-    sampler = Sampler(model, tok.quantize)
+    sampler = Sampler(model, tok)
     y = torch.arange(num_classes, device=tok.quantize.embedding.weight.device).repeat_interleave(per_class)
     sc = SampleConfig(structure_steps=steps, content_cfg=(1.0, 3.0), structure_cfg=(1.0, 2.0))
     vgs = sampler.generate(y, sc, seed=seed)

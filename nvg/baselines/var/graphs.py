@@ -7,6 +7,7 @@ AdaLN modulations of the class condition are one more graph, replayed once per c
 the tokenizer update stay outside the graphs (they are cheap and the random generator stays in eager PyTorch).
 
 Without CUDA (use_graphs=False) the same static-buffer path runs eagerly, which is what the CPU tests check.
+Use it through `VARSampler(var, vae, graphs=True)` (sample.py), which builds one per batch size.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from torch import Tensor
 
 from .model import VAR
 from .quant import MultiScaleQuantizer
-from .sample import check_labels, check_pair, make_caches, scale_loop
+from .sample import VARSampleConfig, check_labels, check_pair, make_caches, scale_loop
 
 
 class GraphedSampler:
-    """Samples token maps for batches of exactly `batch` labels (same result as `sample_indices`).
+    """Samples token maps for batches of exactly `batch` labels (same result as `VARSampler(graphs=False)`).
 
     Args:
         var, quantizer: the transformer and its tokenizer's quantizer (on the same device).
@@ -101,11 +102,12 @@ class GraphedSampler:
         return self.logits_out[k]
 
     @torch.no_grad()
-    def __call__(self, labels_B: Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+    def __call__(self, labels_B: Tensor, config: VARSampleConfig | None = None,
                  generator: torch.Generator | None = None) -> tuple[list[Tensor], Tensor]:
-        """(token maps, each long (B, pn_k^2); f_hat (B, Cvae, h, w)), as `sample_indices`."""
+        """(token maps, each long (B, pn_k^2); f_hat (B, Cvae, h, w)), as `VARSampler.generate_with_latent`."""
         check_labels(self.var, labels_B)
         if labels_B.shape[0] != self.batch:
             raise ValueError(f"this sampler was built for batch {self.batch}, got {labels_B.shape[0]} labels")
         labels_B = labels_B.to(self.device)
-        return scale_loop(self.var, self.quantizer, labels_B, cfg, top_k, top_p, generator, self.run_scale)
+        return scale_loop(self.var, self.quantizer, labels_B, config or VARSampleConfig(), generator,
+                          self.run_scale)

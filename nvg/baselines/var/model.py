@@ -55,6 +55,13 @@ class VARConfig:
     def seq_len(self) -> int:
         return sum(pn * pn for pn in self.patch_nums)
 
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> VARConfig:
+        """The preset `name` of VAR_PRESETS with `overrides` applied (as GeneratorConfig.from_name)."""
+        if name not in VAR_PRESETS:
+            raise ValueError(f"unknown VAR preset {name!r}; choose one of {sorted(VAR_PRESETS)}")
+        return cls(**{**VAR_PRESETS[name], **overrides})
+
 
 VAR_PRESETS: dict[str, dict] = {
     # released models (ImageNet 256 px, tokenizer var-vae-ch160); parameter counts without the tokenizer
@@ -147,12 +154,6 @@ class VAR(nn.Module):
             start = self.begin_ends[-1][1] if self.begin_ends else 0
             self.begin_ends.append((start, start + pn * pn))
         self.init_weights()
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> VAR:
-        if name not in VAR_PRESETS:
-            raise ValueError(f"unknown VAR preset {name!r}; known: {sorted(VAR_PRESETS)}")
-        return cls(VARConfig(**{**VAR_PRESETS[name], **overrides}))
 
     def config_dict(self) -> dict:
         return asdict(self.config)

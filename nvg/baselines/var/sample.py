@@ -5,18 +5,25 @@ Modified from: github.com/FoundationVision/VAR models/var.py (`autoregressive_in
   - keys and values go into preallocated caches (no torch.cat per step);
   - the AdaLN modulations of the (constant) class condition are computed once per call, not once per step;
   - top_k == 1 takes the argmax directly instead of a multinomial over a one-hot distribution.
+Settings use NVG's conventions (`nvg.sample.SampleConfig`): the guidance is a scale s (1 = off) ramped linearly over
+the scales, `content_cfg=(1.0, 1 + cfg)` for the released `cfg`; top_p = 1.0 is off (released: 0 = off).
 
 Per scale k = 0..K-1, with a batch of 2B sequences (B conditional, B with the null class):
     logits = VAR(tokens of scale k | cache)                    (2B, pn_k^2, V)
-    t = cfg * k / (K - 1)                                      guidance ramps from 0 to cfg
+    t = s_k - 1, s_k linear from content_cfg[0] to [1]         released: t = cfg * k / (K - 1)
     logits = (1 + t) logits_cond - t logits_uncond
-    r_k ~ softmax(top-k / top-p filtered logits)
+    r_k ~ softmax(top-k / top-p filtered logits / temperature)
     f_hat += phi_k(up(E[r_k])); next input = word_embed(area_down(f_hat, pn_{k+1})) + level/position embedding
+
+    sampler = VARSampler(var, vae)                      # graphs=True: one CUDA graph per scale (graphs.py)
+    images = sampler.sample(labels, VARSampleConfig(), seed=0)    # (B, 3, H, W) in [-1, 1]
+    tokens = sampler.generate(labels, VARSampleConfig(), seed=0)  # K token maps, long (B, pn_k^2)
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,14 +34,47 @@ from .quant import MultiScaleQuantizer
 from .vqvae import VQVAE
 
 
-def filter_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
+@dataclass
+class VARSampleConfig:
+    """VAR's sampling settings, named and scaled as NVG's `SampleConfig`. Defaults: the released FID settings
+    (cfg 1.5, top_k 900, top_p 0.96)."""
+
+    content_cfg: tuple[float, float] = (1.0, 2.5)  # CFG scale on the logits, linear over the scales (released cfg 1.5)
+    top_k: int = 900  # 0 = off; 1 = argmax (deterministic, ignores temperature and top-p)
+    top_p: float = 0.96  # nucleus mass in (0, 1]; 1.0 = off
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        self.content_cfg = tuple(float(c) for c in self.content_cfg)
+        if len(self.content_cfg) != 2:
+            raise ValueError(f"content_cfg must be (first scale, last scale), got {self.content_cfg}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_top_k_top_p(self.top_k, self.top_p)
+
+
+def check_top_k_top_p(top_k: int, top_p: float) -> None:
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {top_k}, {top_p}")
+
+
+def guidance_schedule(content_cfg: tuple[float, float], num_scales: int) -> list[float]:
+    """t_k = s_k - 1 for the scales s_k linear from content_cfg[0] to content_cfg[1]; the logits are mixed as
+    (1 + t) cond - t uncond. content_cfg = (1, 1 + cfg) gives the released t_k = cfg * k / (K - 1) exactly."""
+    first, last = content_cfg
+    return [(first - 1) + (last - first) * k / max(num_scales - 1, 1) for k in range(num_scales)]
+
+
+def filter_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Sets to -inf the logits outside the top_k largest (top_k > 0) and outside the smallest set whose
-    probability reaches top_p (0 < top_p); the most likely token is always kept. Returns a new tensor."""
+    probability reaches top_p (top_p < 1, released rule); the most likely token is always kept. Returns a new
+    tensor. top_k = 0 and top_p = 1.0 are off; top_p must be in (0, 1]."""
+    check_top_k_top_p(top_k, top_p)
     V = logits_BlV.shape[-1]
     if top_k > 0:
         kth_Bl1 = logits_BlV.topk(min(top_k, V), dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_Bl1, -torch.inf)
-    if top_p > 0:
+    if top_p < 1.0:
         sorted_BlV, order_BlV = logits_BlV.sort(dim=-1, descending=False)
         remove_sorted = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
         remove_sorted[..., -1:] = False
@@ -42,12 +82,14 @@ def filter_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) -
     return logits_BlV
 
 
-def sample_tokens(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
+def sample_tokens(logits_BlV: Tensor, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
                   generator: torch.Generator | None = None) -> Tensor:
     """One token per row, long (B, l): argmax when top_k == 1, else multinomial over the filtered softmax."""
     if top_k == 1:
         return logits_BlV.argmax(dim=-1)
     B, l, V = logits_BlV.shape
+    if temperature != 1.0:
+        logits_BlV = logits_BlV / temperature
     probs_NV = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(dim=-1).view(-1, V)
     return torch.multinomial(probs_NV, 1, generator=generator).view(B, l)
 
@@ -61,53 +103,6 @@ def check_pair(var: VAR, quantizer: MultiScaleQuantizer) -> None:
                          f"scales {quantizer.patch_nums})")
 
 
-def make_caches(var: VAR, batch: int, device, dtype: torch.dtype) -> list[KVCache]:
-    """One static cache per block for `batch` sequences (2B with guidance), block ids = scale ids."""
-    c = var.config
-    return [KVCache(batch, c.num_heads, c.seq_len, c.width // c.num_heads, dtype=dtype, device=device,
-                    block_ids=var.lvl_1L[0]) for _ in range(c.depth)]
-
-
-@torch.no_grad()
-def sample_indices(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, cfg: float = 1.5, top_k: int = 0,
-                   top_p: float = 0.0, generator: torch.Generator | None = None,
-                   autocast_dtype: torch.dtype | None = None, caches: list[KVCache] | None = None,
-                   ) -> tuple[list[Tensor], Tensor]:
-    """Samples the token maps of all scales.
-
-    Args:
-        labels_B: long (B,) class ids in [0, num_classes] (num_classes = unconditional).
-        cfg: guidance at the last scale (linear ramp from 0 at the first scale).
-        top_k, top_p: filtering (0 = off); top_k=1 is deterministic argmax.
-        generator: random generator on the model's device (seeded by the caller), or None.
-        autocast_dtype: e.g. torch.bfloat16 to run the blocks under autocast; None for full precision.
-        caches: preallocated caches from `make_caches(var, 2B, ...)` to reuse across calls.
-    Returns: (token maps, each long (B, pn_k^2); f_hat (B, Cvae, h, w) fp32).
-    """
-    check_pair(var, quantizer)
-    check_labels(var, labels_B)
-    c = var.config
-    device = var.pos_1LC.device
-    labels_B = labels_B.to(device)
-    B = labels_B.shape[0]
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    cache_dtype = autocast_dtype or var.pos_1LC.dtype
-    if caches is None:
-        caches = make_caches(var, 2 * B, device, cache_dtype)
-    elif len(caches) != c.depth or caches[0].k.shape[0] != 2 * B or caches[0].k.dtype != cache_dtype:
-        raise ValueError(f"caches must be make_caches(var, {2 * B}, device, {cache_dtype})")
-
-    cond_2BD = var.class_emb(torch.cat((labels_B, torch.full_like(labels_B, c.num_classes))))
-    with amp:
-        mods = [block.modulation(cond_2BD) for block in var.blocks]
-
-    def run_scale(k: int, x_2BlC: Tensor, cond_2BD: Tensor) -> Tensor:
-        with amp:
-            return var.forward_scale(x_2BlC, k, cond_2BD, mods, caches)
-
-    return scale_loop(var, quantizer, labels_B, cfg, top_k, top_p, generator, run_scale)
-
-
 def check_labels(var: VAR, labels_B: Tensor) -> None:
     if labels_B.ndim != 1 or labels_B.dtype != torch.long:
         raise ValueError(f"labels must be long (B,), got {labels_B.dtype} {tuple(labels_B.shape)}")
@@ -115,12 +110,20 @@ def check_labels(var: VAR, labels_B: Tensor) -> None:
         raise ValueError(f"labels must be non-empty class ids in [0, {var.config.num_classes}]")
 
 
-def scale_loop(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, cfg: float, top_k: int, top_p: float,
+def make_caches(var: VAR, batch: int, device, dtype: torch.dtype) -> list[KVCache]:
+    """One static cache per block for `batch` sequences (2B with guidance), block ids = scale ids."""
+    c = var.config
+    return [KVCache(batch, c.num_heads, c.seq_len, c.width // c.num_heads, dtype=dtype, device=device,
+                    block_ids=var.lvl_1L[0]) for _ in range(c.depth)]
+
+
+def scale_loop(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, config: VARSampleConfig,
                generator: torch.Generator | None, run_scale) -> tuple[list[Tensor], Tensor]:
     """The next-scale loop around `run_scale(k, x_2BlC, cond_2BD) -> fp32 logits (2B, pn_k^2, V)`, which runs
     the transformer on scale k's input tokens (eagerly, or by replaying a captured graph)."""
     c = var.config
     B, K = labels_B.shape[0], len(c.patch_nums)
+    guidance = guidance_schedule(config.content_cfg, K)
     cond_2BD = var.class_emb(torch.cat((labels_B, torch.full_like(labels_B, c.num_classes))))
     level_pos_1LC = var.level_position(0, c.seq_len)
     x_2BlC = cond_2BD[:, None] + var.pos_start + level_pos_1LC[:, : var.first_len]
@@ -128,9 +131,9 @@ def scale_loop(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, cfg: 
     idx_list = []
     for k in range(K):
         logits_2BlV = run_scale(k, x_2BlC, cond_2BD)
-        t = cfg * k / (K - 1)
+        t = guidance[k]
         logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-        idx_Bl = sample_tokens(logits_BlV, top_k, top_p, generator)
+        idx_Bl = sample_tokens(logits_BlV, config.top_k, config.top_p, config.temperature, generator)
         idx_list.append(idx_Bl)
         f_hat, next_BChw = quantizer.next_input(k, f_hat, quantizer.indices_to_embedding(idx_Bl))
         if k + 1 < K:
@@ -140,21 +143,91 @@ def scale_loop(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, cfg: 
     return idx_list, f_hat
 
 
-@torch.no_grad()
-def sample(var: VAR, vae: VQVAE, labels_B: Tensor, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-           seed: int | None = None, autocast_dtype: torch.dtype | None = None) -> Tensor:
-    """Class-conditional images in [-1, 1], (B, 3, H, W). Defaults are the released FID settings."""
-    device = var.pos_1LC.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    _, f_hat = sample_indices(var, vae.quantize, labels_B, cfg, top_k, top_p, generator, autocast_dtype)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    with amp:
-        return vae.fhat_to_img(f_hat).float()
+class VARSampler:
+    """VAR's sampler, with the call of NVG's `Sampler(model, tokenizer)`.
+
+    Args:
+        model, tokenizer: the transformer and its VQVAE (on the same device).
+        graphs: run the static-buffer sampler of graphs.py (one CUDA graph per scale on a CUDA device, the same
+            static buffers run eagerly elsewhere); built once per batch size. Same tokens as the plain path.
+        autocast_dtype: e.g. torch.bfloat16 to run the blocks and the decoder under autocast; None for full
+            precision.
+    The KV caches of the last batch size are kept for the next call.
+    """
+
+    def __init__(self, model: VAR, tokenizer: VQVAE, *, graphs: bool = False,
+                 autocast_dtype: torch.dtype | None = None):
+        check_pair(model, tokenizer.quantize)
+        self.model, self.tokenizer = model, tokenizer
+        self.graphs, self.autocast_dtype = graphs, autocast_dtype
+        self._caches: list[KVCache] | None = None
+        self._graphed: dict = {}  # batch -> GraphedSampler
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pos_1LC.device
+
+    def _amp(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return generator  # None: the global random state
+
+    @torch.no_grad()
+    def generate_with_latent(self, labels_B: Tensor, config: VARSampleConfig | None = None, *,
+                             seed: int | None = None, generator: torch.Generator | None = None
+                             ) -> tuple[list[Tensor], Tensor]:
+        """(token maps, each long (B, pn_k^2); their latent f_hat (B, Cvae, h, w) fp32)."""
+        config = config or VARSampleConfig()
+        var, quantizer = self.model, self.tokenizer.quantize
+        labels_B = torch.as_tensor(labels_B)
+        check_labels(var, labels_B)
+        labels_B = labels_B.to(self.device)
+        generator = self._generator(seed, generator)
+        B = labels_B.shape[0]
+        if self.graphs:
+            from .graphs import GraphedSampler
+
+            if B not in self._graphed:
+                self._graphed[B] = GraphedSampler(var, quantizer, B, self.autocast_dtype)
+            return self._graphed[B](labels_B, config, generator)
+        cache_dtype = self.autocast_dtype or var.pos_1LC.dtype
+        caches = self._caches
+        if caches is None or caches[0].k.shape[0] != 2 * B or caches[0].k.dtype != cache_dtype:
+            self._caches = caches = None  # free the old ones first
+            self._caches = caches = make_caches(var, 2 * B, self.device, cache_dtype)
+        cond_2BD = var.class_emb(torch.cat((labels_B, torch.full_like(labels_B, var.config.num_classes))))
+        with self._amp():
+            mods = [block.modulation(cond_2BD) for block in var.blocks]
+
+        def run_scale(k: int, x_2BlC: Tensor, cond_2BD: Tensor) -> Tensor:
+            with self._amp():
+                return var.forward_scale(x_2BlC, k, cond_2BD, mods, caches)
+
+        return scale_loop(var, quantizer, labels_B, config, generator, run_scale)
+
+    def generate(self, labels_B: Tensor, config: VARSampleConfig | None = None, *, seed: int | None = None,
+                 generator: torch.Generator | None = None) -> list[Tensor]:
+        """Token maps of all scales, each long (B, pn_k^2), for class ids labels_B (B,) in [0, num_classes]
+        (num_classes = unconditional). Same seed, same tokens."""
+        return self.generate_with_latent(labels_B, config, seed=seed, generator=generator)[0]
+
+    @torch.no_grad()
+    def sample(self, labels_B: Tensor, config: VARSampleConfig | None = None, *, seed: int | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Class-conditional images (B, 3, H, W) in [-1, 1], fp32 (tokens decoded by the tokenizer)."""
+        _, f_hat = self.generate_with_latent(labels_B, config, seed=seed, generator=generator)
+        with self._amp():
+            return self.tokenizer.decode(f_hat).float()
 
 
 @torch.no_grad()
-def sample_indices_recompute(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor, cfg: float = 1.5
-                             ) -> list[Tensor]:
+def sample_indices_recompute(var: VAR, quantizer: MultiScaleQuantizer, labels_B: Tensor,
+                             content_cfg: tuple[float, float] = (1.0, 2.5)) -> list[Tensor]:
     """Argmax sampling without a cache: every scale recomputes the whole sequence with the block-causal mask
     through the training forward (future scales are filled with token 0; the mask hides them). For tests."""
     check_pair(var, quantizer)
@@ -162,13 +235,13 @@ def sample_indices_recompute(var: VAR, quantizer: MultiScaleQuantizer, labels_B:
         raise ValueError("sample_indices_recompute needs var.eval() (training drops class labels at random)")
     c = var.config
     B, K = labels_B.shape[0], len(c.patch_nums)
+    guidance = guidance_schedule(content_cfg, K)
     labels_2B = torch.cat((labels_B, torch.full_like(labels_B, c.num_classes)))
     idx_list = [torch.zeros(B, pn * pn, dtype=torch.long, device=labels_B.device) for pn in c.patch_nums]
     for k in range(K):
         x_BLCv = quantizer.indices_to_var_input(idx_list)
         start, stop = var.begin_ends[k]
         logits_2BlV = var(labels_2B, x_BLCv.repeat(2, 1, 1))[:, start:stop]
-        t = cfg * k / (K - 1)
+        t = guidance[k]
         idx_list[k] = ((1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]).argmax(dim=-1)
     return idx_list
-

@@ -31,7 +31,7 @@ from nvg.train import common as T
 
 from .convert import load_vqvae
 from .model import VAR, VAR_PRESETS, VARConfig
-from .sample import check_pair, sample
+from .sample import VARSampler, VARSampleConfig, check_pair
 from .train_common import RunState, adamw_groups
 from .train_tokenizer import train_tokenizer
 from .vqvae import VQVAE, VQVAEConfig
@@ -63,8 +63,8 @@ class TrainConfig:
     grad_clip: float = 2.0
     ema_decay: float = 0.999
     cfg_scale: float = 1.5  # sampling: guidance at the last scale
-    top_k: int = 0  # sampling filters (0 = off); released FID settings at 256 px: 900 / 0.96
-    top_p: float = 0.0
+    top_k: int = 0  # sampling filters (top_k 0 / top_p 1.0 = off); released FID settings at 256 px: 900 / 0.96
+    top_p: float = 1.0
     eval_samples: int = 1000  # samples drawn at the end (0 = none), classes in turn
     fd_proxy: bool = True  # score the samples with nvg.eval's FD-proxy
     eval_images: int = 512  # tokenizer stage: validation images for PSNR / usage
@@ -98,9 +98,11 @@ def draw_samples(var: VAR, vae: VQVAE, n: int, cfg: TrainConfig, batch_size: int
     """n images (uint8 (n, 3, H, W)) and their labels, classes 0..num_classes-1 in turn, seeds cfg.seed + batch."""
     var.eval()
     labels = torch.arange(n) % var.config.num_classes
+    sampler = VARSampler(var, vae)
+    settings = VARSampleConfig(content_cfg=(1.0, 1.0 + cfg.cfg_scale), top_k=cfg.top_k, top_p=cfg.top_p)
     images = []
     for i, s in enumerate(range(0, n, batch_size)):
-        x = sample(var, vae, labels[s : s + batch_size], cfg.cfg_scale, cfg.top_k, cfg.top_p, seed=cfg.seed + i)
+        x = sampler.sample(labels[s : s + batch_size], settings, seed=cfg.seed + i)
         images.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
     var.train()
     return torch.cat(images), labels
@@ -111,7 +113,7 @@ def train_transformer(cfg: TrainConfig, dist: T.Dist, out: Path, vae_path: str) 
 
     dev = dist.device
     vae = load_vqvae(vae_path, ema=None if cfg.tokenizer_ema else False, device=dev).requires_grad_(False)
-    var_config = VARConfig(**VAR_PRESETS[cfg.var_preset])
+    var_config = VARConfig.from_name(cfg.var_preset)
     train_set = load_dataset(cfg.dataset, "train", vae.config.image_size)
     T.seed_everything(cfg.seed)  # same initial weights on every rank
     var = VAR(var_config).to(dev)
@@ -136,7 +138,7 @@ def train_transformer(cfg: TrainConfig, dist: T.Dist, out: Path, vae_path: str) 
             raise ValueError(f"dataset label {int(labels.max())} >= num_classes {var_config.num_classes} of "
                              f"{cfg.var_preset}")
         with torch.no_grad():  # tokens of this batch, in fp32 outside autocast (as released)
-            idx_list = vae.img_to_indices(x)
+            idx_list = vae.encode(x)
             x_BLCv = vae.quantize.indices_to_var_input(idx_list)
             target_BL = torch.cat(idx_list, 1)
         T.set_lr(opt, cfg.lr * T.lr_factor(step, cfg.steps, "wsd", warmup, decay_start=0.07, final_ratio=0.1))

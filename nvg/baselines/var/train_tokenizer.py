@@ -20,7 +20,7 @@ from nvg.train.discriminator import PatchDiscriminator, generator_loss, hinge_d_
 from nvg.eval.metrics import codebook_usage, psnr
 
 from .train_common import RunState
-from .vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig
+from .vqvae import VQVAE, VQVAEConfig
 
 
 @torch.no_grad()
@@ -32,8 +32,8 @@ def evaluate_tokenizer(vae: VQVAE, dataset, n: int, batch_size: int, device) -> 
     for s in range(0, n, batch_size):
         x, _ = T.collate(dataset, list(range(s, min(n, s + batch_size))))
         x = x.to(device)
-        idx = vae.img_to_indices(x)
-        scores.append(psnr(vae.indices_to_img(idx), x))
+        idx = vae.encode(x)
+        scores.append(psnr(vae.decode(idx), x))
         tokens.append(torch.cat(idx, 1).cpu())
     vae.train()
     return {"psnr": torch.cat(scores).mean().item(),
@@ -45,9 +45,7 @@ def train_tokenizer(cfg, dist: T.Dist, out: Path) -> dict:
     from nvg.data import load_dataset
 
     dev = dist.device
-    if cfg.vae_preset not in VQVAE_PRESETS:
-        raise ValueError(f"unknown VQVAE preset {cfg.vae_preset!r}; known: {sorted(VQVAE_PRESETS)}")
-    vae_config = VQVAEConfig(**VQVAE_PRESETS[cfg.vae_preset])
+    vae_config = VQVAEConfig.from_name(cfg.vae_preset)
     train_set = load_dataset(cfg.dataset, "train", vae_config.image_size)
     val_set = load_dataset(cfg.dataset, "val", vae_config.image_size)
     T.seed_everything(cfg.seed)  # same initial weights on every rank
@@ -111,7 +109,7 @@ def train_tokenizer(cfg, dist: T.Dist, out: Path) -> dict:
         if dist.is_main and (step % cfg.image_every == 0 or step == cfg.tokenizer_steps or stop_reason):
             with torch.no_grad(), ema.applied(vae):
                 vae.eval()
-                T.save_image_grid(torch.cat([fixed_x, vae.indices_to_img(vae.img_to_indices(fixed_x))]),
+                T.save_image_grid(torch.cat([fixed_x, vae.decode(vae.encode(fixed_x))]),
                                   out / "recon_ema.png", nrow=len(fixed_x), scale=2)
                 vae.train()
         if step % cfg.ckpt_every == 0 or step == cfg.tokenizer_steps or stop_reason:

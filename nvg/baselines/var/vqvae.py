@@ -49,6 +49,13 @@ class VQVAEConfig:
         """Image side whose latent side equals the last patch number."""
         return self.patch_nums[-1] * self.downsample
 
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> VQVAEConfig:
+        """The preset `name` of VQVAE_PRESETS with `overrides` applied (as TokenizerConfig.from_name)."""
+        if name not in VQVAE_PRESETS:
+            raise ValueError(f"unknown VQVAE preset {name!r}; choose one of {sorted(VQVAE_PRESETS)}")
+        return cls(**{**VQVAE_PRESETS[name], **overrides})
+
 
 VQVAE_PRESETS: dict[str, dict] = {
     # released tokenizer, 256 px, ~109M parameters
@@ -75,12 +82,6 @@ class VQVAE(nn.Module):
         self.quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 3, padding=1)
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> VQVAE:
-        if name not in VQVAE_PRESETS:
-            raise ValueError(f"unknown VQVAE preset {name!r}; known: {sorted(VQVAE_PRESETS)}")
-        return cls(VQVAEConfig(**{**VQVAE_PRESETS[name], **overrides}))
-
     def config_dict(self) -> dict:
         return asdict(self.config)
 
@@ -97,23 +98,27 @@ class VQVAE(nn.Module):
         return self.quant_conv(self.encoder(img_B3HW))
 
     @torch.no_grad()
-    def img_to_indices(self, img_B3HW: Tensor) -> list[Tensor]:
+    def encode(self, img_B3HW: Tensor) -> list[Tensor]:
         """Images in [-1, 1] -> token maps r_1..r_K, each long (B, pn_k^2) (released `img_to_idxBl`)."""
         return self.quantize.encode(self.encode_latent(img_B3HW))[0]
 
-    def fhat_to_img(self, f_hat_BChw: Tensor) -> Tensor:
-        """Quantized latent -> images in [-1, 1] (clamped)."""
+    def decode_latent(self, f_hat_BChw: Tensor) -> Tensor:
+        """Quantized latent f_hat (B, Cvae, h, w) -> images in [-1, 1] (clamped)."""
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
 
-    def indices_to_img(self, idx_list: list[Tensor]) -> Tensor:
-        """Token maps of all scales -> images in [-1, 1] (released `idxBl_to_img(same_shape=True, last_one=True)`)."""
-        return self.fhat_to_img(self.quantize.indices_to_fhat(idx_list))
+    @torch.no_grad()
+    def decode(self, indices_or_fhat: list[Tensor] | Tensor) -> Tensor:
+        """Token maps of all scales (decoded from the codebook; released `idxBl_to_img(same_shape=True,
+        last_one=True)`) or a quantized latent f_hat -> images in [-1, 1] (as `Tokenizer.decode`)."""
+        if isinstance(indices_or_fhat, Tensor):
+            return self.decode_latent(indices_or_fhat)
+        return self.decode_latent(self.quantize.indices_to_fhat(list(indices_or_fhat)))
 
     @torch.no_grad()
     def reconstruct(self, img_B3HW: Tensor, up_to_scale: int | None = None) -> Tensor:
         """Tokenize and decode, optionally keeping only the first `up_to_scale` scales (coarse reconstruction)."""
         _, f_hat_list = self.quantize.encode(self.encode_latent(img_B3HW))
-        return self.fhat_to_img(f_hat_list[(up_to_scale or len(f_hat_list)) - 1])
+        return self.decode_latent(f_hat_list[(up_to_scale or len(f_hat_list)) - 1])
 
     def forward(self, img_B3HW: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """VAE training forward: (reconstruction (B, 3, H, W) not clamped, VQ loss (), code hits per scale (K, V))."""
