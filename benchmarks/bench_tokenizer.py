@@ -56,8 +56,8 @@ def test_tokenizer_encode(benchmark, record_baseline, report_ratio, provider):
     ref_fn, nvg_fn = _encode_fn(tok, x, True), _encode_fn(tok, x, False)
     fn = ref_fn if provider == "ref" else nvg_fn
     benchmark.extra_info.update(device=DEVICE, batch=x.shape[0], image_size=x.shape[-1],
-                                latent=f"{tok.cfg.latent_size}x{tok.cfg.latent_size}x{tok.cfg.latent_channels}",
-                                codebook=tok.cfg.codebook_size, stages=tok.num_stages)
+                                latent=f"{tok.config.latent_size}x{tok.config.latent_size}x{tok.config.latent_channels}",
+                                codebook=tok.config.codebook_size, stages=tok.num_stages)
     vgs = benchmark.pedantic(fn, rounds=3 if DEVICE == "cpu" else 10, warmup_rounds=1)
     if benchmark.disabled:  # --benchmark-disable: a smoke run, no timings
         return

@@ -18,7 +18,7 @@ def test_full_checkpoint_layout_loads_and_matches(ref):
                            **{f"ema_model.nvgformer.{k}": v * 0 for k, v in sd.items() if v.is_floating_point()},
                            "first_stage_model.encoder.conv_in.weight": torch.zeros(1)}}
     model = load_official_generator(ckpt)
-    assert model.cfg.depth == 2 and model.cfg.width == 128 and model.cfg.num_classes == 1000
+    assert model.config.depth == 2 and model.config.width == 128 and model.config.num_classes == 1000
     with torch.no_grad():
         out = model(ref["quant.canvas"][:2], ref["quant.labels"][:2], ref["gen_d2.train.txt"][:, 0],
                     eps_BNK=ref["gen_d2.train.eps0"][:, 0], t_BS=ref["gen_d2.train.t"])

@@ -103,7 +103,7 @@ def test_converter_errors(ref):
 def test_tiny_presets(name):
     torch.manual_seed(0)
     tok = Tokenizer(name).eval()
-    cfg = tok.cfg
+    cfg = tok.config
     x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
     vgs = tok.encode(x)
     N = cfg.latent_size**2

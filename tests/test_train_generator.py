@@ -2,14 +2,19 @@
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 import nvg  # noqa: F401
+from nvg import checkpoint
+from nvg.checkpoint import CheckpointError, open_checkpoint
 from nvg.train import common as T
 from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
 from nvg.tokenizer import Tokenizer, TokenizerConfig
@@ -26,14 +31,14 @@ def tokenizer_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     tok = Tokenizer(TokenizerConfig(**TOK))
     tok.quantize.embedding.weight.data.normal_()
-    cfg = {"kind": "tokenizer", "model": tok.config.to_dict(), "train": {}}
-    T.save_checkpoint(run, 1, tok, cfg, {"step": 1}, ema=T.EMA(tok, 0.0))
+    cfg = {"kind": "tokenizer", "run_id": "test", "model": tok.config.to_dict(), "train": {}}
+    checkpoint.save(run, 1, tok.state_dict(), cfg, {"step": 1}, ema=T.EMA(tok, 0.0).state_dict())
     return str(run)
 
 
 def _cfg(tok, out, **kw):
     base = dict(tokenizer=tok, preset="nvg-test", out_dir=str(out), steps=4, batch_size=4, max_images=32, lr=1e-3,
-                warmup_steps=1, ema_decay=0.9, samples_per_class=1, sample_steps=2, sample_every=1000,
+                warmup_steps=1, ema_decay=0.9, samples_per_class=1, sample_steps=2, image_every=1000,
                 ckpt_every=2, log_every=1, max_minutes=None)
     base.update(kw)
     return TrainConfig(**base)
@@ -71,8 +76,10 @@ def test_train_writes_checkpoint_and_samples(tokenizer_ckpt, tmp_path):
     res = main(_cfg(tokenizer_ckpt, tmp_path / "run"))
     assert res["steps"] == 4
     assert os.path.exists(res["samples"]) and os.path.exists(tmp_path / "run" / "stages_final.png")
-    saved = T.read_config(res["checkpoint"])
+    saved = open_checkpoint(res["checkpoint"]).config
     assert saved["kind"] == "generator" and saved["model"]["latent_hw"] == [4, 4]
+    assert saved["tokenizer"]["hash"] == saved["options"]["tokenizer_hash"]
+    assert (tmp_path / "run" / "log.jsonl").exists() and (tmp_path / "run" / "loss.png").exists()
     from nvg.sample.__main__ import main as sample_main
 
     out = tmp_path / "s.npz"
@@ -91,18 +98,34 @@ def test_resume_is_exact(tokenizer_ckpt, tmp_path):
     main(_cfg(tokenizer_ckpt, tmp_path / "cut", stop_after=2))
     resumed = main(_cfg(tokenizer_ckpt, tmp_path / "cut", resume=True))
     assert resumed["steps_this_run"] == 2
-    a, b = T.load_weights(full["checkpoint"]), T.load_weights(resumed["checkpoint"])
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ea, eb = T.load_weights(full["checkpoint"], ema=True), T.load_weights(resumed["checkpoint"], ema=True)
+    a, b = open_checkpoint(full["checkpoint"]), open_checkpoint(resumed["checkpoint"])
+    wa, wb = a.weights(ema=False), b.weights(ema=False)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ea, eb = a.ema_weights(), b.ema_weights()
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_resume_refuses_other_model_options_and_another_tokenizer(tokenizer_ckpt, tmp_path):
+    main(_cfg(tokenizer_ckpt, tmp_path / "run", stop_after=2))
+    with pytest.raises(CheckpointError, match="depth = None in the checkpoint, 2 now"):
+        main(_cfg(tokenizer_ckpt, tmp_path / "run", resume=True, depth=2))
+    other = tmp_path / "tok2"  # same configuration, other weights
+    torch.manual_seed(1)
+    tok = Tokenizer(TokenizerConfig(**TOK))
+    checkpoint.save(other, 1, tok.state_dict(), {"kind": "tokenizer", "run_id": "t2", "model": tok.config.to_dict()},
+                    {"step": 1})
+    with pytest.raises(CheckpointError, match="tokenizer_hash"):
+        main(_cfg(str(other), tmp_path / "run", resume=True))
+
+
 def test_bad_config(tokenizer_ckpt, tmp_path):
-    with pytest.raises(ValueError, match="null_class_prob"):
+    with pytest.raises(ValueError, match="null-class-prob"):
         main(_cfg(tokenizer_ckpt, tmp_path, null_class_prob=1.5))
-    with pytest.raises(FileNotFoundError, match="no tokenizer checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         main(_cfg(str(tmp_path / "nothing"), tmp_path))
+    with pytest.raises(ValueError, match="ckpt-every"):
+        main(_cfg(tokenizer_ckpt, tmp_path, ckpt_every=0))
 
 
 def _torchrun(cfg, port, *extra):
@@ -120,11 +143,33 @@ def _torchrun(cfg, port, *extra):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_ddp_gloo_two_processes(tokenizer_ckpt, tmp_path):
-    _torchrun(_cfg(tokenizer_ckpt, tmp_path / "ddp", steps=2, batch_size=2), 29533)
-    ckpt = T.latest_checkpoint(tmp_path / "ddp")
-    assert ckpt is not None and T.load_state(ckpt)["step"] == 2
-    assert len(T.load_state(ckpt)["rng"]) == 2
+def _ddp_worker(rank, port, cfg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    res = main(cfg)
+    save_file({k: v.contiguous() for k, v in res["model"].state_dict().items()}, f"{cfg.out_dir}/rank{rank}.st")
+
+
+def test_ddp_gloo_ranks_hold_identical_weights(tokenizer_ckpt, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(tokenizer_ckpt, tmp_path / "ddp", steps=3, batch_size=2, device="cpu")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, cfg)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    w0, w1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.st")) for r in range(2))
+    start = NVGGenerator(GeneratorConfig(**open_checkpoint(tmp_path / "ddp").config["model"])).state_dict()
+    assert any(not torch.equal(w0[k], start[k]) for k in w0)  # training moved the weights ...
+    for k in w0:  # ... and the averaged gradients kept both ranks identical
+        assert torch.equal(w0[k], w1[k]), k
+    ckpt = open_checkpoint(tmp_path / "ddp")
+    assert ckpt.state()["step"] == 3 and len(ckpt.state()["ranks"]) == 2
 
 
 def test_fsdp2_gloo_resume_is_exact(tokenizer_ckpt, tmp_path):
@@ -132,10 +177,10 @@ def test_fsdp2_gloo_resume_is_exact(tokenizer_ckpt, tmp_path):
     _torchrun(full, 29534)
     _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), stop_after=2), 29535)
     _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), resume=True), 29536)
-    a, b = (T.latest_checkpoint(tmp_path / n) for n in ("full", "cut"))
-    assert T.load_state(b)["step"] == 4
-    wa, wb = T.load_weights(a), T.load_weights(b)
-    assert set(wa) == set(NVGGenerator(GeneratorConfig(**T.read_config(a)["model"])).state_dict())
+    a, b = (open_checkpoint(tmp_path / n) for n in ("full", "cut"))
+    assert b.state()["step"] == 4
+    wa, wb = a.weights(ema=False), b.weights(ema=False)
+    assert set(wa) == set(NVGGenerator(GeneratorConfig(**a.config["model"])).state_dict())
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
@@ -147,8 +192,8 @@ def test_repa_with_user_supplied_dinov2(tokenizer_ckpt, tmp_path):
     path = tmp_path / "dino.pt"
     torch.save(DINOv2(dim=64, depth=2, heads=1, patch=14, pretrain_grid=5).state_dict(), path)
     res = main(_cfg(tokenizer_ckpt, tmp_path / "run", steps=2, repa_weights=str(path), repa_depth=1))
-    assert "repa_0" in res["last_terms"]
-    saved = T.read_config(res["checkpoint"])["model"]
+    assert "repa_0" in res["last_scalars"]
+    saved = open_checkpoint(res["checkpoint"]).config["model"]
     assert saved["repa_dim"] == 64 and saved["repa_depth"] == 1
     with pytest.raises(KeyError, match="DINOv2"):
         torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
@@ -180,3 +225,11 @@ def test_main_job_keeps_to_its_budget(tmp_path, monkeypatch, capsys):
     gen_dir = tmp_path / "main" / "generator"
     assert (gen_dir / "samples_final.png").exists() and (gen_dir / "stages_final.png").exists()
     assert str(gen_dir / "samples_final.png") in capsys.readouterr().out
+    # run again: it never refuses, it sets the previous run aside and says so in one line
+    again = train.main_job(str(tmp_path / "main"), budget_minutes=5.0,
+                           tokenizer=dict(steps=2, batch_size=4, eval_images=16, image_every=2, ckpt_every=2),
+                           generator=dict(steps=2, max_images=64, samples_per_class=1, sample_steps=2, ckpt_every=2))
+    assert again["generator"]["steps"] == 2
+    out = capsys.readouterr().out
+    assert f"moved the previous run in {tmp_path / 'main'} to {tmp_path / 'main.previous'}" in out
+    assert (tmp_path / "main.previous" / "generator" / "samples_final.png").exists()

@@ -9,9 +9,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from nvg.checkpoint import CheckpointError, open_checkpoint
+from nvg.tokenizer import Tokenizer
 from nvg.train import __main__ as cli
 from nvg.train import common as T
-from nvg.tokenizer import Tokenizer
 from nvg.train.tokenizer import TrainConfig, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
@@ -22,6 +23,14 @@ BASE = TrainConfig(preset="test-ae-16px-4x4", dataset="shapes", batch_size=8, st
 
 def run(tmp_path, name, **kw):
     return main(dataclasses.replace(BASE, out_dir=str(tmp_path / name), **kw))
+
+
+def latest(run_dir):
+    return open_checkpoint(run_dir).path
+
+
+def state(ckpt):
+    return open_checkpoint(ckpt).state()
 
 
 def weights(ckpt, ema=False):
@@ -35,9 +44,10 @@ def assert_same_state(a, b):
         assert torch.equal(wa[k], wb[k]), k
     for k, v in weights(a, ema=True).items():
         assert torch.equal(v, weights(b, ema=True)[k]), f"ema {k}"
-    sa, sb = T.load_state(a), T.load_state(b)
+    sa, sb = state(a), state(b)
     assert (sa["step"], sa["epoch"], sa["batch_in_epoch"]) == (sb["step"], sb["epoch"], sb["batch_in_epoch"])
-    assert torch.equal(sa["disc_optimizer"]["state"][0]["exp_avg"], sb["disc_optimizer"]["state"][0]["exp_avg"])
+    da, db = sa["trainer"]["disc_optimizer"], sb["trainer"]["disc_optimizer"]
+    assert torch.equal(da["state"][0]["exp_avg"], db["state"][0]["exp_avg"])
 
 
 
@@ -46,11 +56,13 @@ def test_resume_is_exact(tmp_path):
     # a straight run vs a run stopped after 3 steps (as if killed; checkpoint at the stop) and resumed
     run(tmp_path, "straight")
     stopped = run(tmp_path, "resumed", stop_after=3)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()  # a simulated kill skips the final evaluation
     assert stopped["steps"] == 3 and "val_raw" not in stopped
     resumed = run(tmp_path, "resumed", resume=True)
     assert resumed["steps"] == 6 and resumed["steps_this_run"] == 3
-    assert_same_state(T.latest_checkpoint(tmp_path / "straight"), T.latest_checkpoint(tmp_path / "resumed"))
-    for f in ("recon_raw.png", "stages_raw.png", "recon_ema.png", "stages_ema.png", "metrics.json"):
+    assert_same_state(latest(tmp_path / "straight"), latest(tmp_path / "resumed"))
+    for f in ("recon_raw.png", "stages_raw.png", "recon_ema.png", "stages_ema.png", "metrics.json", "log.jsonl",
+              "loss.png"):
         assert (tmp_path / "resumed" / f).exists(), f
 
 
@@ -60,23 +72,27 @@ def test_killed_process_resumes_exactly(tmp_path):
     import sys
     import time
 
-    kw = dict(steps=16, ckpt_every=2, disc="none")
-    run(tmp_path, "straight", **kw)
+    steps = 400  # far more than the few steps before the first checkpoint: the kill lands mid-run
+    kw = dict(steps=steps, ckpt_every=2, disc="none")
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "nvg.train", "tokenizer", "--preset", BASE.preset, "--dataset", BASE.dataset,
             "--batch-size", str(BASE.batch_size), "--lr", str(BASE.lr), "--ema-decay", str(BASE.ema_decay),
             "--log-every", "2", "--image-every", "1000", "--eval-images", "16", "--device", "cpu", "--threads", "1",
-            "--steps", "16", "--ckpt-every", "2", "--disc", "none", "--out-dir", str(out)]
+            "--steps", str(steps), "--ckpt-every", "2", "--disc", "none", "--out-dir", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while T.latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
+    while not list(out.glob("ckpt-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the child ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = T.load_state(T.latest_checkpoint(out))["step"]
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = state(latest(out))["step"]
+    assert 0 < killed_at < steps  # killed mid-run, after a checkpoint
+    kw["steps"] = killed_at + 4  # continue a few steps: the same as a straight run of that length
+    run(tmp_path, "straight", **kw)
     res = run(tmp_path, "killed", resume=True, **kw)
-    assert res["steps"] == 16 and res["steps_this_run"] == 16 - killed_at
-    a, b = T.latest_checkpoint(tmp_path / "straight"), T.latest_checkpoint(out)
+    assert res["steps"] == killed_at + 4 and res["steps_this_run"] == 4
+    a, b = latest(tmp_path / "straight"), latest(out)
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -99,10 +115,10 @@ def test_resume_across_ibq_and_epoch_boundary(tmp_path):
     kw = dict(dataset=image_folder(tmp_path / "data"), steps=8, ibq_epochs=1)
     run(tmp_path, "a", **kw)
     run(tmp_path, "b", stop_after=4, **kw)
-    assert T.load_state(T.latest_checkpoint(tmp_path / "b"))["epoch"] == 1
+    assert state(latest(tmp_path / "b"))["epoch"] == 1
     run(tmp_path, "b", resume=True, **kw)
-    assert_same_state(T.latest_checkpoint(tmp_path / "a"), T.latest_checkpoint(tmp_path / "b"))
-    assert T.load_state(T.latest_checkpoint(tmp_path / "a"))["epoch"] == 2
+    assert_same_state(latest(tmp_path / "a"), latest(tmp_path / "b"))
+    assert state(latest(tmp_path / "a"))["epoch"] == 2
 
 
 def test_stages_reduce_reconstruction_error(tmp_path):
@@ -128,14 +144,25 @@ def test_bad_configurations(tmp_path):
     run(tmp_path, "r", steps=2, disc="none")
     with pytest.raises(ValueError, match="latent_size"):
         run(tmp_path, "r", steps=4, resume=True, disc="none", preset="tiny-ae-32px-8x8")
-    with pytest.raises(ValueError, match="without a discriminator"):
+    with pytest.raises(CheckpointError, match="disc = 'none' in the checkpoint, 'patch' now"):
         run(tmp_path, "r", steps=4, resume=True)
     with pytest.raises(ValueError, match="disc"):
         run(tmp_path, "x", disc="dino")
     with pytest.raises(ValueError, match="unknown tokenizer preset"):
         run(tmp_path, "x", preset="huge")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         Tokenizer.from_checkpoint(tmp_path / "nothing")
+
+
+def test_fresh_run_into_an_existing_run_is_refused(tmp_path):
+    first = run(tmp_path, "r", steps=2, disc="none")
+    before = sorted(p.name for p in (tmp_path / "r").iterdir())
+    with pytest.raises(CheckpointError, match="holds another run .* --resume .* --overwrite"):
+        run(tmp_path, "r", steps=2, disc="none")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before  # nothing was touched
+    again = run(tmp_path, "r", steps=3, disc="none", overwrite=True, seed=1)
+    assert again["steps"] == 3 and again["checkpoint"] != first["checkpoint"]
+    assert [p.name for p in (tmp_path / "r").glob("ckpt-*")] == ["ckpt-00000003"]
 
 
 def test_lr_schedules_and_batches():
@@ -187,8 +214,8 @@ def test_ddp_gloo_two_processes(tmp_path):
     w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     for k, v in w0.items():  # gradients were averaged: both ranks hold the same weights
         assert torch.equal(v, w1[k]), k
-    ckpt = T.latest_checkpoint(tmp_path / "ddp")
-    assert T.load_state(ckpt)["step"] == 3 and len(T.load_state(ckpt)["rng"]) == 2
+    ckpt = latest(tmp_path / "ddp")
+    assert state(ckpt)["step"] == 3 and len(state(ckpt)["ranks"]) == 2
     initial = Tokenizer("test-ae-16px-4x4")
     assert not torch.equal(weights(ckpt)["decoder.conv_out.conv.bias"], initial.decoder.conv_out.conv.bias.detach())
 
@@ -264,16 +291,6 @@ def test_dino_discriminator_from_user_weights(tmp_path):
     run(tmp_path, "a", **kw)
     run(tmp_path, "b", stop_after=1, **kw)
     run(tmp_path, "b", resume=True, **kw)
-    wa, wb = weights(T.latest_checkpoint(tmp_path / "a")), weights(T.latest_checkpoint(tmp_path / "b"))
+    wa, wb = weights(latest(tmp_path / "a")), weights(latest(tmp_path / "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert "lecam" in T.load_state(T.latest_checkpoint(tmp_path / "b"))
-
-
-def test_optimizer_step_clips_and_refuses_non_finite_losses():
-    w = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([w], lr=0.1)
-    with pytest.raises(FloatingPointError, match="non-finite generator loss nan at step 7"):
-        T.optimizer_step(opt, (w * float("nan")).sum(), [w], 1.0, 7, "generator loss")
-    assert torch.equal(w.detach(), torch.ones(3))  # the weights are untouched
-    T.optimizer_step(opt, (w * 10).sum(), [w], 1.0, 8)  # gradient (10, 10, 10) clipped to norm 1
-    torch.testing.assert_close(w.detach(), torch.full((3,), 1 - 0.1 / 3**0.5))
+    assert "lecam" in state(latest(tmp_path / "b"))["trainer"]

@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from nvg.train import common as T
-from nvg.baselines.var.train import TrainConfig, load_tokenizer, main
+from nvg.baselines.var.convert import load_vqvae
+from nvg.baselines.var.train import TrainConfig, main
+from nvg.checkpoint import CheckpointError, open_checkpoint
 from nvg.train.__main__ import parse
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py
@@ -33,8 +34,8 @@ def test_cli_parses_into_the_config():
 def test_tokenizer_stage_writes_a_loadable_checkpoint(tokenizer_run):
     out, result = tokenizer_run
     assert result["tokenizer"]["steps"] == 2 and (out / "tokenizer" / "metrics.json").exists()
-    vae = load_tokenizer(str(out / "tokenizer"), ema=True, device="cpu")
-    assert not vae.training and all(not p.requires_grad for p in vae.parameters())
+    vae = load_vqvae(str(out / "tokenizer"), ema=True, device="cpu")
+    assert not vae.training
     idx = vae.encode(torch.zeros(1, 3, 32, 32))
     assert [t.shape[1] for t in idx] == [1, 4, 9, 16, 36, 64]
 
@@ -48,8 +49,8 @@ def test_transformer_resume_is_exact(tokenizer_run, tmp_path):
     assert stopped["transformer"]["steps"] == 1
     resumed = main(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **common))
     assert resumed["transformer"]["steps_this_run"] == 2
-    a = T.load_weights(T.latest_checkpoint(tmp_path / "a" / "transformer"))
-    b = T.load_weights(T.latest_checkpoint(tmp_path / "b" / "transformer"))
+    a = open_checkpoint(tmp_path / "a" / "transformer").weights(ema=False)
+    b = open_checkpoint(tmp_path / "b" / "transformer").weights(ema=False)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
     assert (tmp_path / "a" / "transformer" / "samples_ema.png").exists()
@@ -60,7 +61,7 @@ def test_resume_rejects_a_different_model(tokenizer_run, tmp_path):
     common = dict(TINY, stage="transformer", vae_checkpoint=str(out / "tokenizer"), steps=1)
     main(TrainConfig(out_dir=str(tmp_path), **common))
     cfg = TrainConfig(out_dir=str(tmp_path), resume=True, **common)
-    with pytest.raises(ValueError, match="differs from the requested one"):
+    with pytest.raises(CheckpointError, match="differs from the checkpoint's: model"):
         # same preset name, different model: the saved configuration is compared field by field
         import nvg.baselines.var.train as train_module
 
@@ -77,5 +78,7 @@ def test_bad_options_raise_clear_errors(tmp_path):
         main(TrainConfig(stage="all", out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown VAR preset"):
         main(TrainConfig(var_preset="var-d99", out_dir=str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="no tokenizer checkpoint"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         main(TrainConfig(**dict(TINY, stage="transformer", out_dir=str(tmp_path))))
+    with pytest.raises(ValueError, match="top_p in"):
+        TrainConfig(top_p=0.0)

@@ -1,21 +1,12 @@
-"""Shared training machinery: distributed setup, precision, EMA, LR schedules, resumable batches, atomic checkpoints,
-progress bar and image grids. Used by the tokenizer, generator and VAR training scripts (each writes its own loop).
-
-Checkpoint layout (one directory per save, `run_dir/ckpt-<step>/`):
-    model.safetensors   model weights (state_dict)            ema.safetensors   EMA weights (when kept)
-    config.json         {"kind", "model": ..., "train": ...}  state.pt          optimizers, step, data position, RNG
-`run_dir/latest` names the newest complete checkpoint. Every file is written into a temporary directory that is then
-renamed into place (os.replace), so a run killed at any moment leaves the previous checkpoint intact.
-"""
+"""Shared training machinery: distributed set-up, precision, seeds, EMA, LR schedules, resumable batches, progress
+bar and image grids. The loop is nvg/train/loop.py; checkpoints are nvg/checkpoint.py."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
@@ -93,21 +83,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------- EMA
 class EMA:
     """Exponential moving average of a model's floating-point parameters and buffers (fp32 shadow copies)."""
@@ -127,8 +102,16 @@ class EMA:
         return self.shadow
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        from ..checkpoint import CheckpointError
+
         if set(sd) != set(self.shadow):
-            raise KeyError(f"EMA state does not match the model: {sorted(set(sd) ^ set(self.shadow))[:3]}")
+            missing, unexpected = sorted(set(self.shadow) - set(sd)), sorted(set(sd) - set(self.shadow))
+            raise CheckpointError(f"EMA weights do not match the model: missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}")
+        wrong = [k for k in sd if tuple(sd[k].shape) != tuple(self.shadow[k].shape)]
+        if wrong:
+            raise CheckpointError(f"EMA weights do not match the model: key {wrong[0]!r} has shape "
+                                  f"{tuple(sd[wrong[0]].shape)}, the model expects {tuple(self.shadow[wrong[0]].shape)}")
         self.shadow = {k: v.float().clone().to(self.shadow[k].device) for k, v in sd.items()}
 
     @contextlib.contextmanager
@@ -174,18 +157,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, grad_clip: float, step: int,
-                   what: str = "loss") -> None:
-    """One update: backward, clip the global gradient norm to grad_clip, step. A non-finite loss raises
-    FloatingPointError naming `what` and the step instead of writing NaNs into the weights."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite {what} {loss.item()} at step {step}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-
-
 # ----------------------------------------------------------------------------- data order
 class ResumableBatches:
     """Per-epoch shuffled index batches that can restart at any (epoch, batch): the order of epoch e is a permutation
@@ -217,89 +188,6 @@ def collate(dataset, indices: list[int]) -> tuple[Tensor, Tensor]:
     """Stack (image, label) items of a map-style dataset."""
     items = [dataset[i] for i in indices]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, config: dict, state: dict,
-                    ema: EMA | None = None, keep: int = 2) -> Path:
-    """Write `run_dir/ckpt-<step>/` atomically and point `run_dir/latest` at it; keep the newest `keep` checkpoints.
-
-    Args:
-        model: weights go to model.safetensors (unwrapped from DDP/compile).
-        config: JSON-serialisable description (what to rebuild the model from).
-        state: anything torch.save can store (optimizer state dicts, step, data position, RNG states).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"ckpt-{step:08d}"
-    tmp = run_dir / f".tmp-ckpt-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()},
-              str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_write_text(run_dir / "latest", final.name + "\n")
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in run_dir.glob(".tmp-ckpt-*"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint `run_dir/latest` names (or the newest complete ckpt-* directory); None when there is none."""
-    run_dir = Path(run_dir)
-    latest = run_dir / "latest"
-    if latest.exists():
-        p = run_dir / latest.read_text().strip()
-        if (p / "state.pt").exists():
-            return p
-    done = [p for p in sorted(run_dir.glob("ckpt-*")) if (p / "state.pt").exists()]
-    return done[-1] if done else None
-
-
-def read_config(ckpt: str | os.PathLike) -> dict:
-    path = Path(ckpt) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory (no config.json)")
-    return json.loads(path.read_text())
-
-
-def load_weights(ckpt: str | os.PathLike, ema: bool = False) -> dict[str, Tensor]:
-    """Model (or EMA) weights of a checkpoint directory."""
-    name = "ema.safetensors" if ema else "model.safetensors"
-    path = Path(ckpt) / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found" + (" (this run kept no EMA)" if ema else ""))
-    return load_file(str(path))
-
-
-def load_state(ckpt: str | os.PathLike, map_location="cpu") -> dict:
-    return torch.load(Path(ckpt) / "state.pt", map_location=map_location, weights_only=False)
-
-
-def check_same_config(saved: dict, current: dict, what: str) -> None:
-    """Raise naming the first field where a checkpoint's configuration differs from the current one."""
-    diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if diff:
-        k = diff[0]
-        raise ValueError(f"checkpoint {what} differs from the requested one: {k} = {saved.get(k)!r} in the checkpoint, "
-                         f"{current.get(k)!r} now ({len(diff)} field(s) differ: {diff})")
 
 
 # ----------------------------------------------------------------------------- logging and images

@@ -19,17 +19,19 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import checkpoint
 from . import common as T
+from .loop import Loop, LoopConfig
 from ..model import GeneratorConfig, NVGGenerator, generator_loss
 from ..quantizer import VGS
 from ..sample import SampleConfig, Sampler
 from ..sample.loading import load_tokenizer, tokenizer_reference
-from .sharding import CheckpointWeights, ema_model, ema_update, full_weights, load_optimizer, optimizer_state, shard
+from .sharding import ema_model, ema_update, full_weights, load_full_weights, load_optimizer, optimizer_state, shard
 from ..tokenizer import Tokenizer
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     """Defaults are the main job's tiny CPU run (`python -m nvg.train`); the official ImageNet recipe is
     `--preset nvg-d16 --lr 0` (= 1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes 0`."""
 
@@ -43,6 +45,8 @@ class TrainConfig:
     out_dir: str = "runs/generator"
     steps: int = 5000  # main job: many small steps learn more in a few CPU-minutes than fewer large ones
     batch_size: int = 8  # per process
+    log_every: int = 10
+    ckpt_every: int = 250
     lr: float | None = 3e-3  # peak LR; None or 0 = 1e-4 x global batch / 256 (official scaling)
     schedule: str = "wsd"  # warm-up, constant, linear decay to final_lr_ratio from decay_start x steps
     warmup_steps: int = 50  # official: 1000
@@ -58,18 +62,20 @@ class TrainConfig:
     cache_tokens: bool = True  # encode the dataset once (exact for datasets without random augmentation)
     compile: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 under torchrun (d20 / d24)
-    amp: bool = True  # bf16 autocast (GPU only)
-    sample_every: int = 1000
+    image_every: int = 1000  # sample grids every this many steps
     samples_per_class: int = 8
     sample_steps: int = 25  # structure Euler steps for the sample grids
-    ckpt_every: int = 250
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    device: str | None = None
-    threads: int | None = None  # torch CPU threads (default: unchanged); 1 is fastest on a busy machine
-    max_minutes: float | None = None  # stop (with a checkpoint) after this wall-clock time (None or 0 = no limit)
-    stop_after: int | None = None  # stop as if killed after this step (resume tests)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.null_class_prob < 1:
+            raise ValueError(f"--null-class-prob must be in [0, 1), got {self.null_class_prob}")
+        if self.samples_per_class < 1 or self.sample_steps < 1:
+            raise ValueError(f"--samples-per-class and --sample-steps must be >= 1, got {self.samples_per_class} "
+                             f"and {self.sample_steps}")
+        if self.lr is not None and self.lr < 0:
+            raise ValueError(f"--lr must be >= 0 (0: the official 1e-4 x batch / 256), got {self.lr}")
+        GeneratorConfig.from_name(self.preset)  # an unknown preset is refused before any work
 
 
 @torch.no_grad()
@@ -132,155 +138,167 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+class GeneratorTrainer:
+    """Content + structure transformers, teacher-forced over all stages of each image (official)."""
+
+    kind = "generator"
+
+    def __init__(self, cfg: TrainConfig, loop: Loop, tok: Tokenizer, tok_ref: dict, train_set, num_classes: int,
+                 class_names: list[str], dino=None, cache: dict | None = None):
+        self.cfg, self.loop, self.tok, self.tok_ref, self.train_set = cfg, loop, tok, tok_ref, train_set
+        self.num_classes, self.class_names, self.dino, self.cache = num_classes, class_names, dino, cache
+        d = loop.dist
+        self.dev = dev = d.device
+        self.gcfg = self._model_config()
+        T.seed_everything(cfg.seed)
+        self.model = NVGGenerator(self.gcfg).to(dev)
+        self.peak_lr = cfg.lr if cfg.lr else 1e-4 * cfg.batch_size * d.world_size / 256
+        self.ema = T.EMA(self.model, cfg.ema_decay)  # a full fp32 copy on every rank, also under FSDP
+        self.fsdp = cfg.fsdp and d.world_size > 1
+        self.opt = None  # made in wrap(), after sharding
+        self.gen = torch.Generator(dev).manual_seed(cfg.seed * 7919 + d.rank)  # null-class / noise draws
+
+    def _model_config(self) -> GeneratorConfig:
+        cfg, tcfg = self.cfg, self.tok.config
+        overrides = dict(latent_hw=(tcfg.latent_size,) * 2, latent_dim=tcfg.latent_channels,
+                         vocab_size=tcfg.codebook_size, num_classes=self.num_classes)
+        overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim") if getattr(cfg, k) is not None})
+        if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
+            overrides["width"] = 64 * cfg.depth
+        if self.dino is not None:
+            depth = overrides.get("depth", GeneratorConfig.from_name(cfg.preset).depth)
+            overrides.update(repa_dim=self.dino.dim, repa_depth=min(cfg.repa_depth, depth))
+        if tcfg.latent_size != 16:  # the official scale factors are for 16x16 latents: estimate them from the data
+            if self.cache is None:
+                raise ValueError("--no-cache-tokens needs a 16x16 latent: the canvas scales of other latents are "
+                                 "estimated from the cached tokens")
+            overrides["scale_factors"] = estimate_scale_factors(self.tok, self.cache, self.loop.dist.device)
+        return GeneratorConfig.from_name(cfg.preset, **overrides)
+
+    def config(self) -> dict:
+        return {"model": dataclasses.asdict(self.gcfg), "tokenizer": tokenizer_reference(self.tok_ref, self.cfg.out_dir),
+                "class_names": self.class_names, "train": dataclasses.asdict(self.cfg)}
+
+    def options(self) -> dict:
+        """A resumed run must use the same model and the same tokenizer (by content)."""
+        c = self.cfg
+        return {"preset": c.preset, "depth": c.depth, "width": c.width, "head_dim": c.head_dim,
+                "repa": self.dino is not None, "fsdp": self.fsdp, "tokenizer_hash": self.tok_ref["hash"],
+                "dataset": c.dataset, "max_images": c.max_images}
+
+    def wrap(self) -> None:
+        if self.fsdp:
+            shard(self.model)
+        self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.peak_lr,
+                                     betas=(0.9, 0.95))
+        net = DDP(self.model) if self.loop.dist.world_size > 1 and not self.fsdp else self.model
+        self.net = torch.compile(net) if self.cfg.compile else net
+
+    def weights(self) -> dict:
+        return full_weights(self.model, self.fsdp)  # a collective under FSDP
+
+    def load_weights(self, ckpt: checkpoint.Checkpoint) -> None:
+        saved_sf = ckpt.config.get("model", {}).get("scale_factors")
+        if saved_sf is not None:  # the estimated canvas scales are buffers: the checkpoint's values are loaded below
+            self.gcfg = dataclasses.replace(self.gcfg, scale_factors=tuple(saved_sf))
+            self.model.config = self.gcfg
+        sd = ckpt.weights(ema=False)
+        if self.fsdp:  # sharded parameters take the full state dict through the distributed API
+            load_full_weights(self.model, sd)
+        else:
+            checkpoint.load_strict(self.model, sd, f"{ckpt.path}")
+        self.ema.load_state_dict(ckpt.ema_weights())
+
+    def state_dict(self) -> dict:
+        return {"optimizer": optimizer_state(self.model, self.opt, self.fsdp)}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_optimizer(self.model, self.opt, state["optimizer"], self.fsdp)
+
+    def rank_state(self) -> dict:
+        return {"gen_state": self.gen.get_state()}
+
+    def load_rank_state(self, state: dict) -> None:
+        if "gen_state" in state:
+            self.gen.set_state(state["gen_state"])
+
+    def step(self, idx: list[int], step: int, epoch: int) -> dict:
+        cfg, dev, tok = self.cfg, self.dev, self.tok
+        x = None
+        if self.cache is not None:
+            vgs = vgs_from_tokens(tok, self.cache["tokens"][idx].to(dev), self.cache["labels"][idx].to(dev))
+            y = self.cache["y"][idx].to(dev)
+        else:
+            x, y = T.collate(self.train_set, idx)
+            x, y = x.to(dev), y.to(dev)
+            vgs = tok.encode(x)
+        repa_target = None
+        if self.dino is not None:  # DINOv2 patch features of the same images, one patch per latent position
+            x = T.collate(self.train_set, idx)[0].to(dev) if x is None else x
+            repa_target = self.dino.patch_features(x, tok.config.latent_size)
+        drop = torch.rand(y.shape, generator=self.gen, device=dev) < cfg.null_class_prob
+        y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        T.set_lr(self.opt, self.peak_lr * T.lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup_steps,
+                                                      cfg.decay_start, cfg.final_lr_ratio))
+        with T.autocast(dev, cfg.amp):
+            res = self.net(vgs.canvas, vgs.labels, y, generator=self.gen)
+            loss, terms = generator_loss(res, vgs.f_hat, vgs.tokens, repa_target, cfg.repa_weight)
+        if self.loop.update(self.opt, loss, self.model.parameters(), cfg.grad_clip, "generator loss"):
+            ema_update(self.ema, self.model)
+        return terms
+
+    def log_text(self, values: dict) -> dict:
+        S = self.gcfg.num_stages
+        return {"loss": values["loss"], "ce": sum(v for k, v in values.items() if k.startswith("ce_")) / S,
+                "acc": sum(v for k, v in values.items() if k.startswith("acc_")) / S}
+
+    def images(self, step: int, tag: str) -> None:
+        if tag == "final":  # finish() draws the full grid
+            return
+        write_samples(ema_model(self.gcfg, self.ema, self.dev), self.tok, self.num_classes,
+                      min(self.cfg.samples_per_class, 4), self.cfg.sample_steps, self.loop.run_dir, tag)
+
+    def finish(self, result: dict) -> dict:
+        out = self.loop.run_dir
+        result["samples"] = str(write_samples(ema_model(self.gcfg, self.ema, self.dev), self.tok, self.num_classes,
+                                              self.cfg.samples_per_class, self.cfg.sample_steps, out, "final"))
+        checkpoint.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
+        print(f"generator: {result['steps']} steps in {result['seconds'] / 60:.1f} min; class-conditional samples "
+              f"(one row per class) in {result['samples']}, per-stage strip in {out / 'stages_final.png'}, loss "
+              f"curve in {out / 'loss.png'}, checkpoint {result['checkpoint']}")
+        return result
+
+
 def main(cfg: TrainConfig) -> dict:
     from ..data import load_dataset
 
-    if cfg.steps < 1 or cfg.batch_size < 1 or not 0 <= cfg.null_class_prob < 1:
-        raise ValueError(f"need steps, batch_size >= 1 and null_class_prob in [0, 1), got {cfg.steps}, "
-                         f"{cfg.batch_size}, {cfg.null_class_prob}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = T.init_distributed(cfg.device)
-    dev, out = d.device, Path(cfg.out_dir)
-    tok, tok_ref = load_tokenizer(cfg.tokenizer, dev)
-    tcfg = tok.config
-    train_set = load_dataset(cfg.dataset, "train", tcfg.image_size)
+    loop = Loop(cfg, cfg.out_dir, d, "generator")
+    loop.prepare()
+    tok, tok_ref = load_tokenizer(cfg.tokenizer, d.device)
+    train_set = load_dataset(cfg.dataset, "train", tok.config.image_size)
     num_classes = getattr(train_set, "num_classes", None) or len(train_set.class_names)
     class_names = list(getattr(train_set, "class_names", []))
     if cfg.max_images is not None:
         train_set = torch.utils.data.Subset(train_set, range(min(cfg.max_images, len(train_set))))
-    overrides = dict(latent_hw=(tcfg.latent_size,) * 2, latent_dim=tcfg.latent_channels,
-                     vocab_size=tcfg.codebook_size, num_classes=num_classes)
-    overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim") if getattr(cfg, k) is not None})
-    if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
-        overrides["width"] = 64 * cfg.depth
-
     dino = None
     if cfg.repa_weights:
         from .dinov2 import DINOv2
 
-        dino = DINOv2.from_file(cfg.repa_weights).to(dev)
+        dino = DINOv2.from_file(cfg.repa_weights).to(d.device)
     t_enc = time.time()
-    cache = encode_dataset(tok, train_set, dev) if cfg.cache_tokens else None
+    cache = encode_dataset(tok, train_set, d.device) if cfg.cache_tokens else None
     if d.is_main and cache is not None:
         print(f"generator: encoded {len(train_set)} images to token sequences in {time.time() - t_enc:.0f} s")
-    ckpt = T.latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        saved = T.read_config(ckpt)
-        if saved.get("kind") != "generator":
-            raise ValueError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a generator one")
-        gcfg = GeneratorConfig(**saved["model"])
-        if (gcfg.repa_dim > 0) != (dino is not None):
-            raise ValueError(f"{ckpt} was trained {'with' if gcfg.repa_dim else 'without'} REPA: resume "
-                             f"{'with' if gcfg.repa_dim else 'without'} --repa-weights")
-    else:
-        if cache is None:
-            raise ValueError("--no-cache-tokens needs a resumed run or --cache-tokens to estimate the canvas scales")
-        sf = estimate_scale_factors(tok, cache, dev) if tcfg.latent_size != 16 else None
-        if dino is not None:
-            depth = overrides.get("depth", GeneratorConfig.from_name(cfg.preset).depth)
-            overrides.update(repa_dim=dino.dim, repa_depth=min(cfg.repa_depth, depth))
-        gcfg = GeneratorConfig.from_name(cfg.preset, **overrides, scale_factors=sf)
-    T.seed_everything(cfg.seed)
-    model = NVGGenerator(gcfg).to(dev)
-    global_batch = cfg.batch_size * d.world_size
-    peak_lr = cfg.lr if cfg.lr else 1e-4 * global_batch / 256
-    ema = T.EMA(model, cfg.ema_decay)  # a full fp32 copy on every rank, also under FSDP
-    fsdp = cfg.fsdp and d.world_size > 1
-    config = {"kind": "generator", "model": dataclasses.asdict(gcfg), "tokenizer": tokenizer_reference(tok_ref, out),
-              "class_names": class_names, "train": dataclasses.asdict(cfg)}
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if ckpt is not None:
-        model.load_state_dict(T.load_weights(ckpt))
-        ema.load_state_dict(T.load_weights(ckpt, ema=True))
-        state = T.load_state(ckpt)
-    if fsdp:
-        shard(model)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
-    if ckpt is not None:
-        load_optimizer(model, opt, state["optimizer"], fsdp)
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        T.set_rng_state(state["rng"][d.rank] if isinstance(state["rng"], list) else state["rng"])
-    else:
-        T.seed_everything(cfg.seed + 1000 * d.rank)
-    net = DDP(model) if d.world_size > 1 and not fsdp else model
-    if cfg.compile:
-        net = torch.compile(net)
-    batches = T.ResumableBatches(len(train_set), cfg.batch_size, cfg.seed, d.rank, d.world_size)
-    gen = torch.Generator(dev).manual_seed(cfg.seed * 7919 + step * 31 + d.rank)  # null-class / noise draws
-    if ckpt is not None and "gen_state" in state:
-        gen.set_state(state["gen_state"][d.rank] if isinstance(state["gen_state"], list) else state["gen_state"])
-    bar = T.progress(cfg.steps, step, d.is_main, desc="generator")
-    start_step, t0, stop_reason, last = step, time.time(), None, {}
-
-    def save(step, epoch, b):
-        snap = {"rng": T.rng_state(), "gen_state": gen.get_state()}
-        if d.world_size > 1:
-            snaps = [None] * d.world_size
-            torch.distributed.all_gather_object(snaps, snap)
-        else:
-            snaps = [snap]
-        opt_sd, weights = optimizer_state(model, opt, fsdp), full_weights(model, fsdp)  # collectives under FSDP
-        if d.is_main:
-            state = {"optimizer": opt_sd, "step": step, "epoch": epoch, "batch_in_epoch": b,
-                     "rng": [s["rng"] for s in snaps], "gen_state": [s["gen_state"] for s in snaps]}
-            T.save_checkpoint(out, step, CheckpointWeights(weights), config, state, ema)
-
-    model.train()
-    for epoch, b, idx in batches.iterate(epoch, batch_in_epoch):
-        if step >= cfg.steps:
-            break
-        x = None
-        if cache is not None:
-            vgs = vgs_from_tokens(tok, cache["tokens"][idx].to(dev), cache["labels"][idx].to(dev))
-            y = cache["y"][idx].to(dev)
-        else:
-            x, y = T.collate(train_set, idx)
-            x, y = x.to(dev), y.to(dev)
-            vgs = tok.encode(x)
-        repa_target = None
-        if dino is not None:  # DINOv2 patch features of the same images, one patch per latent position
-            x = T.collate(train_set, idx)[0].to(dev) if x is None else x
-            repa_target = dino.patch_features(x, tcfg.latent_size)
-        drop = torch.rand(y.shape, generator=gen, device=dev) < cfg.null_class_prob
-        y = torch.where(drop, torch.full_like(y, num_classes), y)
-        T.set_lr(opt, peak_lr * T.lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup_steps, cfg.decay_start,
-                                            cfg.final_lr_ratio))
-        with T.autocast(dev, cfg.amp):
-            res = net(vgs.canvas, vgs.labels, y, generator=gen)
-            loss, terms = generator_loss(res, vgs.f_hat, vgs.tokens, repa_target, cfg.repa_weight)
-        T.optimizer_step(opt, loss, model.parameters(), cfg.grad_clip, step, "generator loss")
-        ema_update(ema, model)
-        step += 1
-        last = terms
-        if d.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-            ce = sum(v for k, v in terms.items() if k.startswith("ce_")) / gcfg.num_stages
-            acc = sum(v for k, v in terms.items() if k.startswith("acc_")) / gcfg.num_stages
-            bar.set_postfix(loss=f"{terms['loss']:.3f}", ce=f"{ce:.2f}", acc=f"{acc:.2f}", refresh=False)
-        bar.update(1)
-        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
-            stop_reason = f"time budget of {cfg.max_minutes} min reached"
-        if cfg.stop_after is not None and step >= cfg.stop_after:
-            stop_reason = f"stop_after={cfg.stop_after}"
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_reason:
-            save(step, epoch, b + 1)
-        if d.is_main and step % cfg.sample_every == 0 and step != cfg.steps and not stop_reason:
-            write_samples(ema_model(gcfg, ema, dev), tok, num_classes, min(cfg.samples_per_class, 4),
-                          cfg.sample_steps, out, f"{step:06d}")
-        if stop_reason:
-            break
-    bar.close()
-    result = {"steps": step, "steps_this_run": step - start_step, "seconds": time.time() - t0,
-              "stopped": stop_reason, "last_terms": last, "checkpoint": None, "samples": None}
-    if d.is_main:
-        result["checkpoint"] = str(T.latest_checkpoint(out))
-        if not (stop_reason or "").startswith("stop_after"):
-            result["samples"] = str(write_samples(ema_model(gcfg, ema, dev), tok, num_classes,
-                                                  cfg.samples_per_class, cfg.sample_steps, out, "final"))
-            (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
-            print(f"generator: {step} steps in {result['seconds'] / 60:.1f} min; class-conditional samples (one row "
-                  f"per class) in {result['samples']}, per-stage strip in {out / 'stages_final.png'}, checkpoint "
-                  f"{result['checkpoint']}")
+    trainer = GeneratorTrainer(cfg, loop, tok, tok_ref, train_set, num_classes, class_names, dino, cache)
+    trainer.wrap()
+    trainer.model.train()
+    result = loop.run(trainer, len(train_set))
+    result["samples"] = None
+    if d.is_main and not loop.simulated_kill:
+        result = trainer.finish(result)
     T.destroy_distributed()
-    result["model"] = model
+    result["model"] = trainer.model
     return result

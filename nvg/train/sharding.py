@@ -51,14 +51,11 @@ def load_optimizer(model, opt, state: dict, fsdp: bool) -> None:
     set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
-class CheckpointWeights:
-    """A state_dict holder that `trainer.save_checkpoint` can save like a module."""
+def load_full_weights(model: NVGGenerator, state_dict: dict) -> None:
+    """Load a full (unsharded) state dict into a sharded model, strictly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    def __init__(self, sd: dict):
-        self.sd = sd
-
-    def state_dict(self) -> dict:
-        return self.sd
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 @torch.no_grad()

@@ -9,17 +9,16 @@ loss of the same PatchGAN discriminator (hinge loss for it). No LPIPS (it needs 
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nvg import checkpoint
+from nvg.eval.metrics import codebook_usage, psnr
 from nvg.train import common as T
 from nvg.train.discriminator import PatchDiscriminator, generator_loss, hinge_d_loss
-from nvg.eval.metrics import codebook_usage, psnr
+from nvg.train.loop import Loop
 
-from .train_common import RunState
 from .vqvae import VQVAE, VQVAEConfig
 
 
@@ -40,45 +39,52 @@ def evaluate_tokenizer(vae: VQVAE, dataset, n: int, batch_size: int, device) -> 
             "usage": codebook_usage(torch.cat(tokens), vae.config.vocab_size)["usage"], "images": n}
 
 
-def train_tokenizer(cfg, dist: T.Dist, out: Path) -> dict:
-    """Runs the tokenizer stage of `cfg` (nvg.baselines.var.train.TrainConfig) in `out`; returns its metrics."""
-    from nvg.data import load_dataset
+class VQVAETrainer:
+    """VAR's multi-scale VQVAE with NVG's tokenizer losses (L1 + VQ + PatchGAN), on the shared loop."""
 
-    dev = dist.device
-    vae_config = VQVAEConfig.from_name(cfg.vae_preset)
-    train_set = load_dataset(cfg.dataset, "train", vae_config.image_size)
-    val_set = load_dataset(cfg.dataset, "val", vae_config.image_size)
-    T.seed_everything(cfg.seed)  # same initial weights on every rank
-    vae = VQVAE(vae_config).to(dev)
-    disc = PatchDiscriminator(3, cfg.disc_channels).to(dev) if cfg.disc == "patch" else None
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.tokenizer_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    optimizers = {"optimizer": opt}
-    if disc is not None:
-        optimizers["disc_optimizer"] = torch.optim.AdamW(disc.parameters(), lr=cfg.tokenizer_lr, betas=(0.9, 0.95),
-                                                         weight_decay=5e-4)
-    ema = T.EMA(vae, cfg.ema_decay)
-    config = {"kind": "var-tokenizer", "model": vae.config_dict(), "train": cfg.as_dict()}
-    run = RunState(out, "var-tokenizer", vae, optimizers, ema, config, dist, {"disc": disc} if disc else None)
-    run.resume(cfg.resume, cfg.seed)
-    net = DDP(vae) if dist.world_size > 1 else vae
-    net_d = DDP(disc) if (disc is not None and dist.world_size > 1) else disc
-    batches = T.ResumableBatches(len(train_set), cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
-    fixed_x, _ = T.collate(val_set, list(range(min(16, len(val_set)))))
-    fixed_x = fixed_x.to(dev)
-    step, start_step, t0, stop_reason = run.step, run.step, time.time(), None
-    bar = T.progress(cfg.tokenizer_steps, step, dist.is_main, desc="var tokenizer")
-    vae.train()
-    for epoch, b, idx in batches.iterate(run.epoch, run.batch_in_epoch):
-        if step >= cfg.tokenizer_steps:
-            break
-        x, _ = T.collate(train_set, idx)
-        x = x.to(dev, non_blocking=True)
-        lr = cfg.tokenizer_lr  # constant, as NVG's tokenizer script
-        for o in optimizers.values():
-            T.set_lr(o, lr)
+    kind = "var-tokenizer"
+
+    def __init__(self, cfg, loop: Loop, train_set, val_set):
+        self.cfg, self.loop, self.train_set, self.val_set = cfg, loop, train_set, val_set
+        self.dev = dev = loop.dist.device
+        self.vae_config = VQVAEConfig.from_name(cfg.vae_preset)
+        T.seed_everything(cfg.seed)  # same initial weights on every rank
+        self.model = VQVAE(self.vae_config).to(dev)
+        self.disc = PatchDiscriminator(3, cfg.disc_channels).to(dev) if cfg.disc == "patch" else None
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.tokenizer_lr, betas=(0.9, 0.95),
+                                     weight_decay=0.0)
+        self.opt_d = (torch.optim.AdamW(self.disc.parameters(), lr=cfg.tokenizer_lr, betas=(0.9, 0.95),
+                                        weight_decay=5e-4) if self.disc is not None else None)
+        self.ema = T.EMA(self.model, cfg.ema_decay)
+        self.fixed_x = T.collate(val_set, list(range(min(16, len(val_set)))))[0].to(dev)
+        d = loop.dist
+        self.net = DDP(self.model) if d.world_size > 1 else self.model
+        self.net_d = DDP(self.disc) if (self.disc is not None and d.world_size > 1) else self.disc
+
+    def config(self) -> dict:
+        return {"model": self.model.config_dict(), "train": self.cfg.as_dict()}
+
+    def options(self) -> dict:
+        return {"model": self.model.config_dict(), "disc": self.cfg.disc}
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.opt.state_dict()}
+        if self.disc is not None:
+            state.update(disc=self.disc.state_dict(), disc_optimizer=self.opt_d.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        if self.disc is not None:
+            checkpoint.load_strict(self.disc, state["disc"], "VAR tokenizer discriminator state")
+            self.opt_d.load_state_dict(state["disc_optimizer"])
+
+    def step(self, idx: list[int], step: int, epoch: int) -> dict:
+        cfg, dev, vae, disc = self.cfg, self.dev, self.model, self.disc
+        x = T.collate(self.train_set, idx)[0].to(dev, non_blocking=True)
         use_disc = disc is not None and cfg.disc_weight > 0
-        with T.autocast(dev, cfg.amp):
-            rec, vq_loss, hits_SV = net(x)
+        with T.autocast(dev, cfg.amp):  # constant LR, as NVG's tokenizer script
+            rec, vq_loss, hits_SV = self.net(x)
             rec = rec.float()
             l1 = (rec - x).abs().mean()
             loss = l1 + cfg.vq_weight * vq_loss
@@ -86,44 +92,46 @@ def train_tokenizer(cfg, dist: T.Dist, out: Path) -> dict:
                 disc.requires_grad_(False)  # the generator loss must not touch D's gradients (or DDP hooks)
                 loss = loss + cfg.disc_weight * generator_loss(disc(rec))
                 disc.requires_grad_(True)
-        T.optimizer_step(opt, loss, vae.parameters(), cfg.grad_clip, step, "tokenizer loss")
-        with torch.no_grad():  # per-scale usage record kept in the checkpoint (released buffer)
-            vae.quantize.ema_vocab_hit_SV.mul_(0.99).add_(T.all_reduce_mean(hits_SV), alpha=0.01)
-        ema.update(vae)
+        if self.loop.update(self.opt, loss, vae.parameters(), cfg.grad_clip, "VAR tokenizer loss"):
+            with torch.no_grad():  # per-scale usage record kept in the checkpoint (released buffer)
+                vae.quantize.ema_vocab_hit_SV.mul_(0.99).add_(T.all_reduce_mean(hits_SV), alpha=0.01)
+            self.ema.update(vae)
+        scalars = {"loss": loss.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}
         if use_disc:
             with T.autocast(dev, cfg.amp):
-                d_loss = hinge_d_loss(*net_d(torch.cat([x, rec.detach()])).float().chunk(2))
-            optimizers["disc_optimizer"].zero_grad(set_to_none=True)
-            d_loss.backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-            optimizers["disc_optimizer"].step()
-        step += 1
-        if dist.is_main and (step % cfg.log_every == 0 or step == cfg.tokenizer_steps):
-            bar.set_postfix(loss=f"{loss.item():.4f}", l1=f"{l1.item():.4f}", vq=f"{vq_loss.item():.4f}",
-                            refresh=False)
-        bar.update(1)
-        if cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes:
-            stop_reason = f"time budget of {cfg.max_minutes} min reached"
-        if cfg.stop_after is not None and step >= cfg.stop_after:
-            stop_reason = f"stop_after={cfg.stop_after}"
-        if dist.is_main and (step % cfg.image_every == 0 or step == cfg.tokenizer_steps or stop_reason):
-            with torch.no_grad(), ema.applied(vae):
-                vae.eval()
-                T.save_image_grid(torch.cat([fixed_x, vae.decode(vae.encode(fixed_x))]),
-                                  out / "recon_ema.png", nrow=len(fixed_x), scale=2)
-                vae.train()
-        if step % cfg.ckpt_every == 0 or step == cfg.tokenizer_steps or stop_reason:
-            run.save(step, epoch, b + 1)
-        if stop_reason:
-            break
-    bar.close()
-    result = {"steps": step, "steps_this_run": step - start_step, "seconds": time.time() - t0,
-              "stopped": stop_reason}
-    if dist.is_main and not (stop_reason or "").startswith("stop_after"):
-        with ema.applied(vae):
-            result["val_ema"] = evaluate_tokenizer(vae, val_set, cfg.eval_images, 64, dev)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        print(f"var tokenizer: {step} steps, val PSNR (EMA) {result['val_ema']['psnr']:.2f} dB, "
-              f"usage {result['val_ema']['usage']:.2f}; checkpoints in {out}")
-    result["checkpoint"] = str(T.latest_checkpoint(out)) if dist.is_main else None
+                d_loss = hinge_d_loss(*self.net_d(torch.cat([x, rec.detach()])).float().chunk(2))
+            self.loop.update(self.opt_d, d_loss, disc.parameters(), cfg.grad_clip, "discriminator loss")
+            scalars["d_loss"] = d_loss.detach()
+        return scalars
+
+    @torch.no_grad()
+    def images(self, step: int, tag: str) -> None:
+        vae = self.model
+        with self.ema.applied(vae):
+            vae.eval()
+            T.save_image_grid(torch.cat([self.fixed_x, vae.decode(vae.encode(self.fixed_x))]),
+                              self.loop.run_dir / "recon_ema.png", nrow=len(self.fixed_x), scale=2)
+            vae.train()
+
+    def finish(self, result: dict) -> dict:
+        with self.ema.applied(self.model):
+            result["val_ema"] = evaluate_tokenizer(self.model, self.val_set, self.cfg.eval_images, 64, self.dev)
+        checkpoint.atomic_write_text(self.loop.run_dir / "metrics.json", json.dumps(result, indent=2))
+        print(f"var tokenizer: {result['steps']} steps, val PSNR (EMA) {result['val_ema']['psnr']:.2f} dB, "
+              f"usage {result['val_ema']['usage']:.2f}; checkpoints in {self.loop.run_dir}")
+        return result
+
+
+def train_tokenizer(cfg, loop: Loop) -> dict:
+    """Runs the tokenizer stage of `cfg` (nvg.baselines.var.train.TrainConfig) on `loop`; returns its metrics."""
+    from nvg.data import load_dataset
+
+    size = VQVAEConfig.from_name(cfg.vae_preset).image_size
+    train_set = load_dataset(cfg.dataset, "train", size)
+    val_set = load_dataset(cfg.dataset, "val", size)
+    trainer = VQVAETrainer(cfg, loop, train_set, val_set)
+    trainer.model.train()
+    result = loop.run(trainer, len(train_set))
+    if loop.dist.is_main and not loop.simulated_kill:
+        result = trainer.finish(result)
     return result
