@@ -310,7 +310,8 @@ def generator_loss(out: dict, f_hat_BNC: Tensor, tokens: list[Tensor], repa_targ
         f_hat_BNC: final quantized latent (target of every stage).
         tokens: list of S long tensors (B, 2**i), the code of every cluster.
         repa_target: optional (B, N, D) normalised-ish DINOv2 patch features; uses out['repa_projected'].
-    Returns: (loss, dict of float terms: final_i, ce_i, acc_i, struct_k, loss).
+    Returns: (loss, dict of detached 0-d tensors: final_i, ce_i, acc_i, struct_k, loss). No host sync: the training
+        loop reads them on logging steps only.
     """
     S = len(out["logits"])
     terms, loss = {}, 0.0
@@ -322,18 +323,18 @@ def generator_loss(out: dict, f_hat_BNC: Tensor, tokens: list[Tensor], repa_targ
         target = tokens[i].flatten()
         ce = F.cross_entropy(lg, target)
         loss = loss + final + ce
-        terms[f"final_{i}"], terms[f"ce_{i}"] = final.item(), ce.item()
-        terms[f"acc_{i}"] = (lg.argmax(-1) == target).float().mean().item()
+        terms[f"final_{i}"], terms[f"ce_{i}"] = final.detach(), ce.detach()
+        terms[f"acc_{i}"] = (lg.detach().argmax(-1) == target).float().mean()
         if repa_target is not None:
             proj = F.normalize(out["repa_projected"][:, i].float(), dim=-1)
             repa = 1 - (proj * F.normalize(repa_target, dim=-1)).sum(-1).mean()
             loss = loss + repa_weight * repa
-            terms[f"repa_{i}"] = repa.item()
+            terms[f"repa_{i}"] = repa.detach()
     Ks = out["struct_pred"].shape[1]
     for k in range(Ks):
         st = F.mse_loss(out["struct_pred"][:, k].float(), out["struct_target"][:, k].float())
         loss = loss + st * S / Ks
-        terms[f"struct_{k}"] = st.item()
+        terms[f"struct_{k}"] = st.detach()
     loss = loss / S
-    terms["loss"] = loss.item()
+    terms["loss"] = loss.detach()
     return loss, terms
