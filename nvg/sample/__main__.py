@@ -30,6 +30,7 @@ from ..model import GeneratorConfig
 from ..quantizer import VGS
 from . import control
 from .loading import load_generator
+from .pictures import progression
 from .sampler import SampleConfig, Sampler
 
 PROG = "python -m nvg.sample"
@@ -178,26 +179,6 @@ def parse_classes(values, names: list[str], num_classes: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
-def structure_image(labels_BN: torch.Tensor, stage: int, hw: tuple[int, int], size: int) -> torch.Tensor:
-    """Colour map of a label map (B, N) -> (B, 3, size, size) in [-1, 1]: one hue per cluster, spread by the bits."""
-    n = max(2**stage, 1)
-    hue = (labels_BN.float() + 0.5) / n
-    k = torch.tensor([0.0, 1 / 3, 2 / 3], device=labels_BN.device)
-    rgb = 0.5 + 0.5 * torch.cos(2 * np.pi * (hue[..., None] + k))  # (B, N, 3)
-    img = rgb.transpose(1, 2).reshape(-1, 3, *hw) * 2 - 1
-    return torch.nn.functional.interpolate(img, size=(size, size), mode="nearest")
-
-
-def progression(tok, vgs: VGS) -> torch.Tensor:
-    """(B*(2S), 3, H, W): per stage the decoded canvas after the stage and the structure map it used, row by row."""
-    stages = tok.decode_stages(vgs)
-    size, hw = stages[0].shape[-1], tok.quantize.latent_hw
-    rows = []
-    for i, img in enumerate(stages):
-        rows += [structure_image(vgs.labels[:, i], i, hw, size), img]
-    return torch.stack(rows, 1).flatten(0, 1)
-
-
 def write_npz(path: str | Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     """images (B, 3, H, W) in [-1, 1] -> `path` with images uint8 [B, H, W, 3] and labels int64 [B], atomically."""
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
