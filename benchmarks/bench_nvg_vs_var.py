@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from nvg.baselines.var.model import VAR, VARConfig
-from nvg.baselines.var.sample import VARSampleConfig, VARSampler
+from nvg.baselines.var.sample import VARSampleConfig
+from nvg.baselines.var.sampler import VARSampler
 from nvg.baselines.var.vqvae import VQVAE, VQVAEConfig
 from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
 from nvg.sample import SampleConfig, Sampler

@@ -6,11 +6,15 @@ Each op `<op>` is `torch.ops.nvg.<op>` (C++ CPU kernel in csrc/<op>.cpp, CUDA ke
 import torch
 from torch import Tensor
 
-__all__ = ["granularity_cluster", "granularity_cluster_ref", "cluster_quantize", "cluster_quantize_ref",
-           "prepare_codebook"]
+__all__ = ["NonFiniteError", "granularity_cluster", "granularity_cluster_ref", "cluster_quantize",
+           "cluster_quantize_ref", "prepare_codebook"]
 
 
 # ------------------------------------------------------------------------------------------------ granularity_cluster
+class NonFiniteError(ValueError):
+    """An input holds NaN or Inf (in training: a symptom of divergence, counted by the training loop)."""
+
+
 def granularity_cluster(f: Tensor, validate: bool = True) -> Tensor:
     """Nested label maps of the official greedy pairwise clustering (spec/nvg-method.md §1.1).
 

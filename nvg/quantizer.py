@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .ops import NonFiniteError
 
 
 @dataclass
@@ -184,7 +185,7 @@ class MultiGranularityQuantizer(nn.Module):
     @staticmethod
     def _check_finite(f: Tensor) -> None:
         if not torch.isfinite(f).all():
-            raise ValueError("quantizer: the latent contains NaN or Inf values")
+            raise NonFiniteError("quantizer: the latent contains NaN or Inf values")
 
     @torch.no_grad()
     def encode(self, f_BChw: Tensor, validate: bool = True) -> VGS:

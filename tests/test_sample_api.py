@@ -8,7 +8,8 @@ import torch
 import nvg  # noqa: F401
 from nvg.baselines.var import sample as var_sample
 from nvg.baselines.var.model import VAR, VARConfig
-from nvg.baselines.var.sample import VARSampleConfig, VARSampler
+from nvg.baselines.var.sample import VARSampleConfig
+from nvg.baselines.var.sampler import VARSampler
 from nvg.baselines.var.vqvae import VQVAE, VQVAEConfig
 from nvg.model import GeneratorConfig, NVGGenerator
 from nvg.sample import sampler as nvg_sample

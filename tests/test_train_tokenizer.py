@@ -66,32 +66,45 @@ def test_resume_is_exact(tmp_path):
         assert (tmp_path / "resumed" / f).exists(), f
 
 
-def test_killed_process_resumes_exactly(tmp_path):
-    import signal
+def _start_and_signal(out, steps, sig):
+    """Start `python -m nvg.train tokenizer` and send it `sig` once its first checkpoint exists (mid-run)."""
     import subprocess
     import sys
     import time
 
-    steps = 400  # far more than the few steps before the first checkpoint: the kill lands mid-run
-    kw = dict(steps=steps, ckpt_every=2, disc="none")
-    out = tmp_path / "killed"
     args = [sys.executable, "-m", "nvg.train", "tokenizer", "--preset", BASE.preset, "--dataset", BASE.dataset,
             "--batch-size", str(BASE.batch_size), "--lr", str(BASE.lr), "--ema-decay", str(BASE.ema_decay),
             "--log-every", "2", "--image-every", "1000", "--eval-images", "16", "--device", "cpu", "--threads", "1",
             "--steps", str(steps), "--ckpt-every", "2", "--disc", "none", "--out-dir", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(out.glob("ckpt-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the child ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    killed_at = state(latest(out))["step"]
-    assert 0 < killed_at < steps  # killed mid-run, after a checkpoint
-    kw["steps"] = killed_at + 4  # continue a few steps: the same as a straight run of that length
+    assert proc.poll() is None, "the child ended before it could be signalled"
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout + stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_or_terminated_process_resumes_exactly(tmp_path, sig):
+    import signal
+
+    steps = 400  # far more than the few steps before the first checkpoint: the signal lands mid-run
+    out = tmp_path / "killed"
+    rc, text = _start_and_signal(out, steps, getattr(signal, sig))
+    stopped_at = state(latest(out))["step"]
+    assert 0 < stopped_at < steps  # stopped mid-run, after a checkpoint
+    if sig == "SIGKILL":
+        assert rc == -signal.SIGKILL
+    else:  # the step in flight is finished, checkpointed, and the process exits cleanly
+        assert rc == 0, text[-2000:]
+        assert f"signal SIGTERM: checkpoint written at step {stopped_at}" in text
+        assert not (out / "metrics.json").exists()
+    kw = dict(steps=stopped_at + 4, ckpt_every=2, disc="none")  # a few more steps: the same as a straight run
     run(tmp_path, "straight", **kw)
     res = run(tmp_path, "killed", resume=True, **kw)
-    assert res["steps"] == killed_at + 4 and res["steps_this_run"] == 4
+    assert res["steps"] == stopped_at + 4 and res["steps_this_run"] == 4
     a, b = latest(tmp_path / "straight"), latest(out)
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -7,8 +7,8 @@ import torch
 from nvg.baselines.var.convert import load_var, load_vqvae
 from nvg.baselines.var.graphs import GraphedSampler
 from nvg.baselines.var.model import VAR, VARConfig
-from nvg.baselines.var.sample import (VARSampleConfig, VARSampler, filter_top_k_top_p, guidance_schedule,
-                                      sample_indices_recompute)
+from nvg.baselines.var.sample import VARSampleConfig, filter_top_k_top_p, guidance_schedule, sample_indices_recompute
+from nvg.baselines.var.sampler import VARSampler
 from nvg.baselines.var.vqvae import VQVAE, VQVAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU workloads: see tests/conftest.py

@@ -297,7 +297,7 @@ def main(cfg: TrainConfig) -> dict:
     trainer.model.train()
     result = loop.run(trainer, len(train_set))
     result["samples"] = None
-    if d.is_main and not loop.simulated_kill:
+    if d.is_main and not loop.interrupted:
         result = trainer.finish(result)
     T.destroy_distributed()
     result["model"] = trainer.model

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import checkpoint
+from ..ops import NonFiniteError
 from . import common as T
 from .log import RunLog
 
@@ -102,7 +103,7 @@ class Loop:
 
     def __init__(self, cfg: LoopConfig, run_dir: str | Path, d: T.Dist, desc: str):
         self.cfg, self.run_dir, self.dist, self.desc = cfg, Path(run_dir), d, desc
-        self.step, self.bad_steps, self.bad_in_row = 0, 0, 0
+        self.step, self.bad_steps, self.bad_in_row, self.signalled = 0, 0, 0, False
         self.run_id = checkpoint.new_run_id()
         self._synced_flags = torch.zeros(2, device=d.device)
 
@@ -163,16 +164,18 @@ class Loop:
             self.bad_in_row = 0
             return True
         opt.zero_grad(set_to_none=True)
+        self._count_bad(f"{name} or gradient")
+        return False
+
+    def _count_bad(self, what: str) -> None:
         self.bad_steps += 1
         self.bad_in_row += 1
         if self.dist.is_main:
-            print(f"{self.desc}: step {self.step + 1}: non-finite {name} or gradient, update skipped "
-                  f"({self.bad_in_row} in a row)")
+            print(f"{self.desc}: step {self.step + 1}: non-finite {what}, update skipped ({self.bad_in_row} in a row)")
         if self.bad_in_row >= self.cfg.max_bad_steps:
             raise Diverged(f"{self.desc}: diverged at step {self.step + 1}: {self.bad_in_row} steps in a row with a "
-                           f"non-finite {name} or gradient (--max-bad-steps {self.cfg.max_bad_steps}); no checkpoint "
-                           "of non-finite weights was written")
-        return False
+                           f"non-finite {what} (--max-bad-steps {self.cfg.max_bad_steps}); no checkpoint of "
+                           "non-finite weights was written")
 
     # ------------------------------------------------------------------------------------------------- checkpoints
     def save(self, trainer, epoch: int, next_batch: int) -> None:
@@ -223,10 +226,14 @@ class Loop:
             for epoch, b, idx in batches.iterate(epoch, batch_in_epoch):
                 if self.step >= cfg.steps:
                     break
-                scalars = trainer.step(idx, self.step, epoch)
+                try:
+                    scalars = trainer.step(idx, self.step, epoch)
+                except NonFiniteError as e:  # NaN / Inf activations inside the forward: the weights diverged
+                    self._count_bad(f"activation ({e})")
+                    scalars = {}
                 self.step += 1
                 bar.update(1)
-                if d.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                if d.is_main and scalars and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     values = {k: float(v) for k, v in scalars.items()}  # the only host syncs of the scalars
                     last = values
                     log.write(self.step, values, time.time() - t0)
@@ -234,6 +241,7 @@ class Loop:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
                 over, signalled = self._stop_flags(t0, signals)
                 if signalled:
+                    self.signalled = True
                     stop_reason = f"signal {signals.received or 'on another rank'}: checkpoint written"
                 elif over:
                     stop_reason = f"time budget of {cfg.max_minutes} min reached"
@@ -261,5 +269,7 @@ class Loop:
         return result
 
     @property
-    def simulated_kill(self) -> bool:
-        return self.cfg.stop_after is not None and self.step >= self.cfg.stop_after and self.step < self.cfg.steps
+    def interrupted(self) -> bool:
+        """Stopped by a signal or by stop_after (a simulated kill): the trainer skips its final evaluation."""
+        stop_after = self.cfg.stop_after is not None and self.cfg.stop_after <= self.step < self.cfg.steps
+        return stop_after or self.signalled

@@ -242,7 +242,7 @@ def main(cfg: TrainConfig) -> dict:
     trainer.wrap()
     trainer.model.train()
     result = loop.run(trainer, len(train_set))
-    if d.is_main and not loop.simulated_kill and cfg.eval_images > 0:
+    if d.is_main and not loop.interrupted and cfg.eval_images > 0:
         result = trainer.finish(result)
     result["model"] = trainer.model
     T.destroy_distributed()

@@ -33,7 +33,8 @@ from nvg.train.loop import Loop, LoopConfig
 
 from .convert import load_vqvae
 from .model import VAR, VAR_PRESETS, VARConfig
-from .sample import VARSampleConfig, VARSampler, check_pair
+from .sample import VARSampleConfig, check_pair
+from .sampler import VARSampler
 from .train_tokenizer import train_tokenizer
 from .vqvae import VQVAE, VQVAE_PRESETS
 
@@ -204,7 +205,7 @@ def train_transformer(cfg: TrainConfig, loop: Loop, vae_path: str) -> dict:
                          f"{cfg.var_preset}")
     trainer.model.train()
     result = loop.run(trainer, len(train_set))
-    if loop.dist.is_main and not loop.simulated_kill:
+    if loop.dist.is_main and not loop.interrupted:
         result = trainer.finish(result)
     return result
 
@@ -221,7 +222,7 @@ def main(cfg: TrainConfig) -> dict:
     results = {}
     if "tokenizer" in stages:
         results["tokenizer"] = train_tokenizer(cfg, loops["tokenizer"])
-        if loops["tokenizer"].simulated_kill or (results["tokenizer"]["stopped"] or "").startswith("signal"):
+        if loops["tokenizer"].interrupted:
             T.destroy_distributed()
             return results
     if "transformer" in stages:

@@ -132,6 +132,6 @@ def train_tokenizer(cfg, loop: Loop) -> dict:
     trainer = VQVAETrainer(cfg, loop, train_set, val_set)
     trainer.model.train()
     result = loop.run(trainer, len(train_set))
-    if loop.dist.is_main and not loop.simulated_kill:
+    if loop.dist.is_main and not loop.interrupted:
         result = trainer.finish(result)
     return result
