@@ -1,0 +1,247 @@
+"""`python -m nvg.demo`: the JSON API (results equal the library's, bad uploads answered with a message, concurrent
+requests isolated), the command line, and the page driven in a headless Chromium (tests/test_demo_browser.py-style
+tests at the end; skipped with the reason when the browser is absent)."""
+
+import base64
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nvg  # noqa: F401
+from nvg import checkpoint
+from nvg.demo import Engine, make_server
+from nvg.model import GeneratorConfig, NVGGenerator
+from nvg.sample import SampleConfig, Sampler, control, loading
+from nvg.tokenizer import Tokenizer, TokenizerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NAMES = ["T-shirt/top", "Trouser", "Pullover"] + [f"c{i}" for i in range(3, 10)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny random generator + tokenizer saved as trained runs (16x16 images, 4x4 latents, 5 stages)."""
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    gcfg = GeneratorConfig.from_name("nvg-test")
+    tok = Tokenizer(TokenizerConfig(image_size=16, latent_size=4, base_channels=8, channel_mult=(1, 1, 1),
+                                    num_res_blocks=1, latent_channels=gcfg.latent_dim, codebook_size=gcfg.vocab_size,
+                                    norm_groups=4))
+    tok.quantize.embedding.weight.data.normal_()
+    checkpoint.save(root / "tok", 1, tok.state_dict(), {"kind": "tokenizer", "run_id": "t",
+                                                        "model": tok.config.to_dict()}, {})
+    _, ref = loading.load_tokenizer(root / "tok")
+    checkpoint.save(root / "gen", 1, NVGGenerator(gcfg).state_dict(),
+                    {"kind": "generator", "run_id": "g", "model": dataclasses.asdict(gcfg), "class_names": NAMES,
+                     "tokenizer": loading.tokenizer_reference(ref, root / "gen")}, {})
+    return str(root / "gen")
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    return loading.load_generator(run)
+
+
+@pytest.fixture(scope="module")
+def url(loaded):
+    server = make_server(Engine(*loaded), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def png_url(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")  # uint16 (H, W) -> a 16-bit gray PNG, (H, W, 4) -> RGBA
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def left_mask(size: int = 256, upto: int = 120) -> np.ndarray:
+    m = np.zeros((size, size, 3), np.uint8)
+    m[:, :upto] = 255
+    return m
+
+
+def post(url, body, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/api/generate", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url, path):
+    with urllib.request.urlopen(url + path, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def wait(url, job, timeout=120):
+    t0, seen = time.time(), []
+    while time.time() - t0 < timeout:
+        st = get(url, f"/api/job/{job}")
+        seen.append(st["done"])
+        if st["state"] in ("done", "error"):
+            return st, seen
+        time.sleep(0.02)
+    raise AssertionError(f"job {job} did not finish in {timeout} s")
+
+
+def generate(url, body):
+    status, answer = post(url, body)
+    assert status == 202, answer
+    st, _ = wait(url, answer["job"])
+    assert st["state"] == "done", st
+    return st
+
+
+def decode_png(data_url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+
+
+def to_input(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
+
+
+FAST = {"structure_steps": 2}
+
+
+# ------------------------------------------------------------------------------------------------------ the API
+def test_info_and_page(url):
+    info = get(url, "/api/info")
+    assert info["classes"] == NAMES and info["num_stages"] == 5 and info["latent_hw"] == [4, 4]
+    assert info["defaults"] == json.loads(json.dumps(dataclasses.asdict(SampleConfig())))  # the official defaults
+    with urllib.request.urlopen(url + "/", timeout=10) as r:
+        assert b"mask-canvas" in r.read()
+
+
+def test_results_equal_the_library(url, loaded):
+    model, tok, _ = loaded
+    st = generate(url, {"class": 2, "seed": 7, "n": 3, "sampler": FAST})
+    vgs = Sampler(model, tok).generate(torch.full((3,), 2), SampleConfig(structure_steps=2), seed=7)
+    assert torch.equal(torch.tensor(st["labels"]), vgs.labels)
+    img = ((tok.decode(vgs.f_hat).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    assert all(np.array_equal(decode_png(u), img[b]) for b, u in enumerate(st["images"]))
+    assert len(st["progression"]) == 3 and all(len(p) == 5 for p in st["progression"])
+    assert st["done"] == st["total"] == 6
+
+
+def test_mask_gives_the_balanced_split(url):
+    mask = left_mask()
+    st = generate(url, {"class": 1, "mode": "mask", "mask": png_url(mask), "n": 2, "sampler": FAST})
+    labels = torch.tensor(st["labels"])
+    want = control.mask_to_structure(torch.from_numpy(mask[..., 0].astype(np.float32)), (4, 4))[0, 1]
+    assert torch.equal(labels[:, 1], want.expand(2, -1))
+    assert want.view(4, 4)[:, :2].eq(1).all() and want.view(4, 4)[:, 2:].eq(0).all()  # the left half
+
+
+def test_transfer_and_regenerate(url, loaded):
+    _, tok, _ = loaded
+    ref = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    st = generate(url, {"class": 0, "mode": "transfer", "image": png_url(ref), "stages": 3, "n": 2, "sampler": FAST})
+    enc = tok.encode(to_input(ref))
+    assert torch.equal(torch.tensor(st["labels"])[:, :3], enc.labels[:, :3].expand(2, -1, -1))
+    st = generate(url, {"class": 4, "mode": "regenerate", "image": png_url(ref), "keep_stages": 2, "n": 1,
+                        "sampler": FAST})
+    assert torch.equal(torch.tensor(st["labels"])[:, :2], enc.labels[:, :2])
+
+
+@pytest.mark.parametrize("what, body, status, match", [
+    ("not an image", {"mode": "transfer", "image": "data:image/png;base64," + base64.b64encode(b"hello").decode()},
+     400, "not an image file"),
+    ("enormous", {"mode": "transfer", "image": png_url(np.zeros((4100, 64, 3), np.uint8))}, 400, "4096x4096"),
+    ("not base64", {"mode": "transfer", "image": "data:image/png;base64,@@@"}, 400, "not valid base64"),
+    ("no upload", {"mode": "regenerate"}, 400, "upload an image first"),
+    ("blank mask", {"mode": "mask", "mask": png_url(np.zeros((64, 64, 3), np.uint8))}, 400, "canvas is blank"),
+    ("bad class", {"class": 10}, 400, "class must be"),
+    ("bad n", {"n": 0}, 400, "number of samples"),
+    ("bad top-p", {"sampler": {"top_p": [1.0, 0.0]}}, 400, "top_p"),
+    ("bad keep", {"mode": "regenerate", "image": png_url(np.zeros((8, 8, 3), np.uint8)), "keep_stages": 5}, 400,
+     "stages to keep"),
+])
+def test_bad_requests_answered(url, what, body, status, match):
+    got, answer = post(url, body)
+    assert got == status and match in answer["error"], (what, answer)
+    assert get(url, "/api/info")["num_stages"] == 5  # still serving
+
+
+def test_bad_bodies_answered(url):
+    assert post(url, None, raw=b"{not json")[1]["error"] == "the request is not valid JSON"
+    big = b'{"image": "' + b"A" * (17 * 1024 * 1024) + b'"}'
+    status, answer = post(url, None, raw=big)
+    assert status == 413 and "too large" in answer["error"]
+    assert get(url, "/api/info")["num_stages"] == 5
+
+
+def test_16bit_and_rgba_uploads_noted(url):
+    g16 = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
+    st = generate(url, {"mode": "transfer", "image": png_url(g16), "n": 1, "sampler": FAST})
+    assert any("16-bit" in n for n in st["notes"]), st["notes"]
+    rgba = np.full((20, 30, 4), 200, np.uint8)
+    st = generate(url, {"mode": "transfer", "image": png_url(rgba), "n": 1, "sampler": FAST})
+    assert any("alpha" in n for n in st["notes"]) and any("centre-cropped" in n for n in st["notes"]), st["notes"]
+
+
+def test_concurrent_requests_do_not_mix(url):
+    bodies = [{"class": c, "seed": s, "n": 2, "sampler": FAST} for c, s in ((1, 11), (5, 12), (1, 11), (8, 13))]
+    alone = [generate(url, b)["labels"] for b in bodies[:2]]
+    results = [None] * 4
+
+    def go(i):
+        results[i] = generate(url, bodies[i])["labels"]
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results[0] == alone[0] == results[2] and results[1] == alone[1] and results[3] is not None
+
+
+def test_progress_reported(url):
+    status, answer = post(url, {"n": 4, "sampler": {"structure_steps": 25}})
+    st, seen = wait(url, answer["job"])
+    assert st["state"] == "done" and seen == sorted(seen) and st["done"] == st["total"]
+
+
+# ------------------------------------------------------------------------------------------------------ the command
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nvg.demo", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "NVG_TRACEBACK": ""}, timeout=60)
+
+
+def test_command_without_checkpoint_says_how_to_train(tmp_path):
+    r = _cli(cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "python -m nvg.train" in r.stderr and "runs/main/generator" in r.stderr
+    r = _cli("--ckpt", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "--ckpt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_command_serves_on_localhost(run):
+    p = subprocess.Popen([sys.executable, "-m", "nvg.demo", "--ckpt", run, "--port", "0", "--device", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("NVG demo on http://127.0.0.1:"), (line, p.stderr.read() if p.poll() else "")
+        address = line.split()[3].rstrip("/")
+        assert get(address, "/api/info")["classes"] == NAMES
+    finally:
+        p.terminate()
+        p.wait(10)
