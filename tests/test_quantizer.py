@@ -19,31 +19,30 @@ def ref_quantizer(ref):
     return q.eval()
 
 
-def test_encode_matches_official(ref, ref_quantizer):
+def test_encode_matches_official(ref, ref_quantizer, assert_close_scaled):
     vgs = ref_quantizer.encode(ref["quant.f_BChw"])
     assert torch.equal(vgs.labels, ref["quant.labels"])
     assert torch.equal(vgs.token_map(), ref["quant.tokens"])
     assert torch.equal(vgs.tokens_cat(), ref["quant.tokens_per_cluster"])
-    torch.testing.assert_close(vgs.canvas, ref["quant.canvas"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(vgs.f_hat, ref["quant.f_hat"], atol=1e-5, rtol=0)
+    assert_close_scaled(vgs.canvas, ref["quant.canvas"], 1e-5)
+    assert_close_scaled(vgs.f_hat, ref["quant.f_hat"], 1e-5)
     assert [t.shape[1] for t in vgs.tokens] == [2**i for i in range(9)]
 
 
-def test_decode_tokens_matches_f_hat(ref, ref_quantizer):
+def test_decode_tokens_matches_f_hat(ref, ref_quantizer, assert_close_scaled):
     vgs = ref_quantizer.encode(ref["quant.f_BChw"])
     f_hat = ref_quantizer.decode_tokens(vgs.tokens, vgs.labels)
-    torch.testing.assert_close(f_hat, ref["quant.f_hat"], atol=1e-5, rtol=0)
+    assert_close_scaled(f_hat, ref["quant.f_hat"], 1e-5)
     # stopping after i stages gives the canvas of stage i
-    torch.testing.assert_close(ref_quantizer.decode_tokens(vgs.tokens, vgs.labels, 4), vgs.canvas[:, 4],
-                               atol=1e-5, rtol=0)
+    assert_close_scaled(ref_quantizer.decode_tokens(vgs.tokens, vgs.labels, 4), vgs.canvas[:, 4], 1e-5)
 
 
 @pytest.mark.parametrize("ibq", [False, True], ids=["argmin", "ibq"])
-def test_training_forward_matches_official(ref, ref_quantizer, ibq):
+def test_training_forward_matches_official(ref, ref_quantizer, ibq, assert_close_scaled):
     key = "quant.fwd_ibq" if ibq else "quant.fwd"
     f = ref["quant.f_BChw"].clone().requires_grad_()
     f_hat_st, vq_loss, info = ref_quantizer(f, ibq=ibq)
-    torch.testing.assert_close(f_hat_st, ref["quant.fwd.f_hat_st"], atol=1e-5, rtol=0)
+    assert_close_scaled(f_hat_st, ref["quant.fwd.f_hat_st"], 1e-5)
     torch.testing.assert_close(vq_loss, ref[f"{key}.vq_loss"], atol=1e-5, rtol=1e-5)
     if not ibq:
         torch.testing.assert_close(info["stage_losses"].double(), ref["quant.fwd.vq_loss_per_stage"], atol=1e-5,
@@ -52,13 +51,13 @@ def test_training_forward_matches_official(ref, ref_quantizer, ibq):
     assert torch.equal(torch.cat(info["tokens"], 1), ref[tokens_key])
 
 
-def test_embed_stage_updates_canvas(ref, ref_quantizer):
+def test_embed_stage_updates_canvas(ref, ref_quantizer, assert_close_scaled):
     # the generator's sampler adds embed_stage(i, ids, labels_i) to canvas_i to get canvas_{i+1}
     vgs = ref_quantizer.encode(ref["quant.f_BChw"])
     with torch.no_grad():
         for i in (0, 3, 7):
             nxt = vgs.canvas[:, i] + ref_quantizer.embed_stage(i, vgs.tokens[i], vgs.labels[:, i])
-            torch.testing.assert_close(nxt, vgs.canvas[:, i + 1], atol=1e-5, rtol=0)
+            assert_close_scaled(nxt, vgs.canvas[:, i + 1], 1e-5)
 
 
 def test_gradients_straight_through():
