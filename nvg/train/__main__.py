@@ -18,7 +18,7 @@ import importlib
 import sys
 import types
 
-from ..cli import add_dataclass_args, dataclass_from_args, run
+from ..cli import ArgumentParser, add_dataclass_args, dataclass_from_args, run
 
 SUBCOMMANDS = {
     "tokenizer": "nvg.train.tokenizer",
@@ -45,7 +45,7 @@ def parse(argv: list[str]):
                          "(or no argument for the main job)")
     name = argv[0]
     mod = _load(name)
-    parser = argparse.ArgumentParser(prog=f"python -m nvg.train {name}", description=mod.__doc__,
+    parser = ArgumentParser(prog=f"python -m nvg.train {name}", description=mod.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, mod.TrainConfig)
     return mod, dataclass_from_args(mod.TrainConfig, parser.parse_args(argv[1:]))
