@@ -1,12 +1,13 @@
 """`python -m nvg.demo`: the JSON API (results equal the library's, bad uploads answered with a message, concurrent
-requests isolated), the command line, and the page driven in a headless Chromium (tests/test_demo_browser.py-style
-tests at the end; skipped with the reason when the browser is absent)."""
+requests isolated), the command line, and the page driven in a headless Chromium through Selenium (the tests at the
+end; skipped with the reason when the browser is absent). NVG_DEMO_SCREENSHOT=docs/demo.png saves the page."""
 
 import base64
 import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -245,3 +246,119 @@ def test_command_serves_on_localhost(run):
     finally:
         p.terminate()
         p.wait(10)
+
+
+# ------------------------------------------------------------------------------------------------------ the browser
+def _browser_missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e \".[demo]\")"
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")) or not shutil.which("chromedriver"):
+        return "no chromium + chromedriver on PATH (apt-get install -y chromium chromium-driver)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1180",
+                "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _open(browser, url, mode):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "ready")
+    browser.find_element("css selector", f"input[name=mode][value={mode}]").click()
+
+
+def _generate(browser, expect="done"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.execute_script("document.body.dataset.state = 'clicked'")
+    browser.find_element("id", "generate").click()
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_element("tag name", "body").get_attribute("data-state") in ("done", "error"))
+    state = browser.find_element("tag name", "body").get_attribute("data-state")
+    message = browser.find_element("id", "message").text
+    assert state == expect, message
+    return browser.execute_script("return window.nvgLast"), message
+
+
+def _draw_left_half(browser):
+    """Three vertical strokes with the 40 px brush across the left of the 256 px canvas (x 0..120)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    canvas = browser.find_element("id", "mask-canvas")
+    for x in (20, 60, 100):
+        chain = ActionChains(browser, duration=10).move_to_element_with_offset(canvas, x - 128, -120).click_and_hold()
+        for y in range(-80, 121, 40):
+            chain = chain.move_to_element_with_offset(canvas, x - 128, y)
+        chain.release().perform()
+    return decode_png(browser.execute_script("return document.getElementById('mask-canvas').toDataURL()"))
+
+
+def test_browser_mask(browser, url):
+    _open(browser, url, "mask")
+    browser.find_element("css selector", "#class option[value='1']").click()
+    n = browser.find_element("id", "n")
+    n.clear()
+    n.send_keys("4")
+    drawn = _draw_left_half(browser)
+    assert drawn[:, :120].mean() > 200 and drawn[:, 140:].max() == 0  # the strokes landed where drawn
+    result, _ = _generate(browser)
+    labels = torch.tensor(result["labels"])
+    want = control.mask_to_structure(torch.from_numpy(drawn[..., 0].astype(np.float32)), (4, 4))[0, 1]
+    assert labels.shape == (4, 5, 16) and torch.equal(labels[:, 1], want.expand(4, -1))
+    assert want.view(4, 4)[:, :2].eq(1).all()  # the drawn (left) half is cluster 1
+    assert len(browser.find_elements("css selector", "#samples .sample")) == 4
+    assert len(browser.find_elements("css selector", "#progression .stage")) == 5
+    assert browser.find_element("id", "progress-text").text.startswith("done in")
+    browser.find_elements("css selector", "#samples .sample")[2].click()  # its progression
+    assert browser.find_element("id", "prog-title").text == "(sample 3)"
+    shot = os.environ.get("NVG_DEMO_SCREENSHOT")
+    if shot:
+        browser.find_element("css selector", "#samples .sample").click()
+        browser.execute_script("document.getElementById('sampler').open = true")
+        browser.save_screenshot(shot)
+
+
+def test_browser_transfer(browser, url, loaded, tmp_path):
+    _, tok, _ = loaded
+    ref = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    _open(browser, url, "transfer")
+    browser.find_element("id", "ref-file").send_keys(str(tmp_path / "ref.png"))
+    stages = browser.find_element("id", "stages")
+    stages.clear()
+    stages.send_keys("2")
+    result, _ = _generate(browser)
+    labels = torch.tensor(result["labels"])
+    assert torch.equal(labels[:, :2], tok.encode(to_input(ref)).labels[:, :2].expand(len(labels), -1, -1))
+
+
+def test_browser_bad_upload(browser, url, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image at all")
+    _open(browser, url, "transfer")
+    browser.find_element("id", "ref-file").send_keys(str(tmp_path / "notes.png"))
+    _, message = _generate(browser, expect="error")
+    assert "not an image file" in message
+    Image.fromarray(np.full((40, 30, 4), 90, np.uint8)).save(tmp_path / "rgba.png")  # then a good (RGBA) one
+    browser.find_element("id", "ref-file").send_keys(str(tmp_path / "rgba.png"))
+    result, message = _generate(browser)
+    assert message == "" and len(result["images"]) == 4
+    assert "alpha" in browser.find_element("id", "notes").text

@@ -138,7 +138,7 @@ function showProgression(k) {
     const box = document.createElement("div");
     box.className = "stage";
     const cap = document.createElement("span");
-    cap.textContent = `stage ${s.stage + 1}: ${2 ** s.stage}`;
+    cap.textContent = `stage ${s.stage + 1}: ${2 ** s.stage} cluster${s.stage ? "s" : ""}`;
     box.append(cap, img(s.structure, "structure", `structure map of stage ${s.stage + 1}`),
       img(s.image, "image", `image after stage ${s.stage + 1}`));
     return box;
