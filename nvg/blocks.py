@@ -141,7 +141,9 @@ class ParallelBlock(nn.Module):
     x_mod = (1 + scale) * LayerNorm(x) + shift                      (LayerNorm without affine, eps 1e-6)
     [q k v | h] = linear1(x_mod)                                   (w -> 3w + mlp_ratio*w)
     x = x + drop_path(gate * linear2([SDPA(rope(rms(q)), rope(rms(k)), v) | gelu_tanh(h)]))
-    Full bidirectional attention, no mask. 15 w^2 parameters for mlp_ratio 4.
+    Full bidirectional attention, no mask (`forward`). 15 w^2 parameters for mlp_ratio 4. `project` and `output` are
+    the two halves around the attention, for callers with their own attention (the prefix structure transformer,
+    nvg/prefix.py).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
@@ -156,7 +158,8 @@ class ParallelBlock(nn.Module):
         self.modulation = Modulation(width)
         self.drop_path = drop_path
 
-    def forward(self, x_BLC: Tensor, vec_BC: Tensor, freqs: Tensor) -> Tensor:
+    def project(self, x_BLC: Tensor, vec_BC: Tensor, freqs: Tensor) -> tuple[Tensor, ...]:
+        """Modulated input projection: (q, k, v) each (B, H, L, D) (q, k normed and rotated), MLP input h, gate."""
         B, L, _ = x_BLC.shape
         shift, scale, gate = self.modulation(vec_BC)
         x_mod = (1 + scale) * F.layer_norm(x_BLC, (self.width,), eps=1e-6) + shift
@@ -165,9 +168,18 @@ class ParallelBlock(nn.Module):
         q = self.norm.query_norm(q).to(v.dtype)
         k = self.norm.key_norm(k).to(v.dtype)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, self.width)
+        return q, k, v, h, gate
+
+    def output(self, x_BLC: Tensor, attn_BHLD: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+        """x + drop_path(gate * linear2([attention | gelu(h)])) from `project`'s h, gate and the attention output."""
+        B, L, _ = x_BLC.shape
+        attn = attn_BHLD.transpose(1, 2).reshape(B, L, self.width)
         out = self.linear2(torch.cat([attn, F.gelu(h, approximate="tanh")], -1))
         return x_BLC + drop_path(gate * out, self.drop_path, self.training)
+
+    def forward(self, x_BLC: Tensor, vec_BC: Tensor, freqs: Tensor) -> Tensor:
+        q, k, v, h, gate = self.project(x_BLC, vec_BC, freqs)
+        return self.output(x_BLC, F.scaled_dot_product_attention(q, k, v), h, gate)
 
 
 class LastLayer(nn.Module):

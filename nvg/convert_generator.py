@@ -69,6 +69,10 @@ def load_official_generator(state_dict: dict, cfg: GeneratorConfig | None = None
         sd = {k: v for k, v in sd.items() if not k.startswith("projector.")}
     if cfg is None:
         cfg = infer_config(sd, **({} if keep_projector else {"repa_dim": 0}))
+    if cfg.structure_attention != "full":
+        raise ValueError(f"official generator weights are for the official full-attention structure transformer; "
+                         f"they do not fit structure_attention={cfg.structure_attention!r} (train that variant "
+                         f"instead: python -m nvg.train generator --preset nvg-d16-fast)")
     with torch.device("meta"):
         model = NVGGenerator(cfg)
     expected = model.state_dict()

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .prefix import forward_structure_prefix
 from .blocks import LastLayer, LinearHead, MLPEmbedder, ParallelBlock, rope_axes, rope_freqs, timestep_embedding
 from .structure import rope_ids_content, rope_ids_structure, structure_embedding
 
@@ -42,11 +43,17 @@ class GeneratorConfig:
     scale_factors: tuple[float, ...] | None = None
     repa_dim: int = 0  # > 0 adds the training-only REPA projector (w -> 2048 -> 2048 -> repa_dim)
     repa_depth: int = 8  # REPA aligns the output of this content block
+    # "full": the official structure transformer (every token attends to every token, one AdaLN vector with time);
+    # "prefix": the fast variant of nvg/prefix.py (class + canvas tokens blind to the structure tokens and to time,
+    # cached once per stage when sampling). Not interchangeable: weights of one do not work in the other.
+    structure_attention: str = "full"
 
     def __post_init__(self):
         self.latent_hw = tuple(self.latent_hw)
         if self.width == 0:
             self.width = 64 * self.depth
+        if self.structure_attention not in STRUCTURE_ATTENTION:
+            raise ValueError(f"structure_attention must be one of {STRUCTURE_ATTENTION}, got {self.structure_attention!r}")
         N = self.latent_hw[0] * self.latent_hw[1]
         if N < 4 or N & (N - 1):
             raise ValueError(f"latent h*w must be a power of two >= 4, got {self.latent_hw}")
@@ -88,6 +95,8 @@ class GeneratorConfig:
         return replace(cls(**PRESETS[name]), **overrides) if overrides else cls(**PRESETS[name])
 
 
+STRUCTURE_ATTENTION = ("full", "prefix")
+
 PRESETS: dict[str, dict] = {
     "nvg-d12": dict(depth=12),  # 108.4M content + 27.5M structure (paper ablations)
     "nvg-d16": dict(depth=16),  # 255.2M + 64.4M
@@ -100,6 +109,9 @@ PRESETS: dict[str, dict] = {
     "nvg-test": dict(depth=1, width=128, num_classes=10, vocab_size=64, latent_dim=8, latent_hw=(4, 4),
                      drop_path=False),
 }
+# the fast variants (prefix-cacheable structure transformer, nvg/prefix.py): "nvg-tiny-fast", "nvg-d16-fast", ...
+PRESETS.update({f"{name}-fast": dict(kw, structure_attention="prefix") for name, kw in list(PRESETS.items())
+                if name != "nvg-test"})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,6 +248,8 @@ class NVGGenerator(nn.Module):
 
     def forward_structure(self, sc: StructureContext, z_BNK: Tensor, t_B: Tensor) -> Tensor:
         """Velocity v (B, N, K) = eps - s of the rectified flow z_t = t eps + (1 - t) s at times t (B,)."""
+        if self.config.structure_attention == "prefix":
+            return forward_structure_prefix(self, sc, z_BNK, t_B)
         vec = sc.class_vec_BC + self.structure_time_embed(timestep_embedding(t_B, 64).to(z_BNK.dtype))
         tokens = torch.cat([sc.tokens_BLC, self.structure_embed(z_BNK)], 1)  # (B, 1+2N, ws)
         for block in self.structure_blocks:

@@ -136,3 +136,41 @@ def test_cuda_graph_step_replays():
         q[:, :, offset:], k[:, :, offset:], v[:, :, offset:] = static_q, static_k, static_v
         expected = block_attention_ref(q, k, v, ids.cuda(), ids.cuda())[:, :, offset:]
         torch.testing.assert_close(static_out.float(), expected.float(), atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunks", [[(0, 1), (1, 2), (2, 9)], [(0, 5), (5, 6), (6, 13)]], ids=["size1", "odd"])
+def test_cpu_path_equals_reference(dtype, chunks):
+    # the CPU path slices the written keys and masks only ranges that need it: causal chunks of awkward sizes
+    B, H, D, L = 3, 2, 16, 13
+    ids = torch.arange(L)
+    q, k, v = (x.to(dtype) for x in random_sequence(B, H, L, D, "cpu", seed=4))
+    cache = KVCache(B, H, L + 2, D, dtype=dtype, block_ids=torch.arange(L + 2))
+    full = block_attention_ref(q, k, v, ids, ids)
+    for offset, end in chunks:
+        cache.append(k[:, :, offset:end], v[:, :, offset:end], offset)
+        out = cache.attend(q[:, :, offset:end], offset)
+        assert out.dtype == dtype
+        tol = TOL["cpu"] if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(out, full[:, :, offset:end], **tol)
+    # masks only for the ranges of more than one causal position, built once
+    assert {r for r, views in cache._views.items() if views[-1] is not None} == {
+        (o, e) for o, e in chunks if e - o > 1}
+
+
+def test_cpu_path_builds_no_mask_when_all_keys_are_visible():
+    # prefix-LM sampling: the prefix attends to itself, then each step's block-1 queries see every written key
+    B, H, D, P, N = 2, 2, 32, 5, 3
+    ids = (torch.arange(P + N) >= P).long()
+    q, k, v = random_sequence(B, H, P + N, D, "cpu", seed=5)
+    cache = KVCache(B, H, P + N, D, block_ids=ids)
+    cache.append(k[:, :, :P], v[:, :, :P], 0)
+    torch.testing.assert_close(cache.attend(q[:, :, :P], 0), block_attention_ref(
+        q[:, :, :P], k[:, :, :P], v[:, :, :P], ids[:P], ids[:P]), **TOL["cpu"])
+    for step in range(3):  # the same positions rewritten every step
+        kk, vv = k[:, :, P:] + step, v[:, :, P:] - step
+        cache.append(kk, vv, P)
+        out = cache.attend(q[:, :, P:], P)
+        k_all, v_all = torch.cat([k[:, :, :P], kk], 2), torch.cat([v[:, :, :P], vv], 2)
+        torch.testing.assert_close(out, block_attention_ref(q[:, :, P:], k_all, v_all, ids[P:], ids), **TOL["cpu"])
+    assert all(views[-1] is None for views in cache._views.values())

@@ -25,9 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model import NVGGenerator
+from .fast import PrefixVelocity
 from ..quantizer import VGS
 from ..structure import check_nested, split_clusters, structure_embedding
 from ..tokenizer import Tokenizer
+
+
+STRUCTURE_SOLVERS = ("euler", "heun")
 
 
 @dataclass
@@ -37,13 +41,16 @@ class SampleConfig:
     top_p: tuple[float, float] = (1.0, 0.5)  # nucleus mass in (0, 1], falling log-wise over the stages; 1.0 = off
     top_k: int = 0  # 0 = off; 1 = argmax (deterministic, ignores temperature and top-p)
     temperature: float = 1.0
-    structure_steps: int = 25  # Euler steps of the structure flow per stage
+    structure_steps: int = 25  # solver steps of the structure flow per stage
+    structure_solver: str = "euler"  # "euler" (official) or "heun" (2nd order, two velocity evaluations per step)
     gumbel_split: bool = False  # Gumbel top-k instead of deterministic top-k when splitting clusters
     always_cfg: bool = False  # also run the unconditional pass at scale 1 (official); off = skip it (same result)
 
     def __post_init__(self):
         if self.structure_steps < 1:
             raise ValueError(f"structure_steps must be >= 1, got {self.structure_steps}")
+        if self.structure_solver not in STRUCTURE_SOLVERS:
+            raise ValueError(f"structure_solver must be one of {STRUCTURE_SOLVERS}, got {self.structure_solver!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not all(0 < p <= 1 for p in self.top_p):
@@ -126,9 +133,12 @@ class Sampler:
 
     `fast=True` runs the two transformer passes through `torch.compile` (CUDA graphs on a GPU: every stage has the
     same shapes, so one graph per pass serves all stages); it computes the same function as the plain path.
+    A generator with the prefix structure transformer (GeneratorConfig(structure_attention="prefix"), nvg/prefix.py)
+    runs its class + canvas prefix once per stage into static KV caches and each flow step on the N structure tokens
+    only (`structure_cache=False`: recompute the whole sequence at every step instead; the same result).
     """
 
-    def __init__(self, model: NVGGenerator, tokenizer: Tokenizer, fast: bool = False):
+    def __init__(self, model: NVGGenerator, tokenizer: Tokenizer, fast: bool = False, structure_cache: bool = True):
         cfg, quantizer = model.config, tokenizer.quantize
         if quantizer.num_stages != cfg.num_stages or quantizer.dim != cfg.latent_dim or \
                 quantizer.codebook_size != cfg.vocab_size:
@@ -136,6 +146,8 @@ class Sampler:
                              f"fit the quantizer (stages {quantizer.num_stages}, C {quantizer.dim}, "
                              f"V {quantizer.codebook_size})")
         self.model, self.tokenizer, self.quantizer, self.fast = model, tokenizer, quantizer, fast
+        self._prefix = PrefixVelocity(model, graphs=fast) if (
+            cfg.structure_attention == "prefix" and structure_cache) else None
         self._content = model.forward_content
         self._structure = model.forward_structure
         if fast:
@@ -175,7 +187,7 @@ class Sampler:
         return x0_hat[:B], _cfg_mix(logits, B, scale), ids[:B]
 
     def structure_stage(self, canvas_next_BNC, labels_BN, content_ids, y_B, eps_BNK, stage, scale, use_cfg, times,
-                        gumbel=False, generator=None, trace=None):
+                        gumbel=False, generator=None, trace=None, solver="euler"):
         """Rectified-flow inpainting of the structure embedding given the canvas after `stage` -> labels of stage+1."""
         m, B, K = self.model, y_B.shape[0], self.model.config.K
         if stage == K - 1:  # two positions per parent: split by the fixed noise, no model (official)
@@ -190,15 +202,26 @@ class Sampler:
         else:
             y2, canvas2, ids2 = y_B, canvas_next_BNC, content_ids
         sc = m.structure_context(canvas2, y2, torch.full_like(y2, stage), ids2)
+        if self._prefix is not None:
+            velocity = self._prefix.stage(sc)
+        else:
+            def velocity(z2, t):
+                return self._structure(sc, z2, torch.full((z2.shape[0],), t, device=z2.device))
         vs = []
-        for t_curr, t_next in zip(times[:-1], times[1:]):
-            z2 = z.repeat(2, 1, 1) if use_cfg else z
-            v_all = self._structure(sc, z2, torch.full((z2.shape[0],), t_curr, device=z.device))
-            v = _cfg_mix(v_all.float(), B, scale)
-            z = z + (t_next - t_curr) * v
-            z = torch.cat([s[..., :stage], z[..., stage:]], -1)  # known channels stay at the truth
+
+        def cfg_velocity(z, t):
+            v_all = velocity(z.repeat(2, 1, 1) if use_cfg else z, t)
             if trace is not None:
                 vs.append(v_all.float())
+            return _cfg_mix(v_all.float(), B, scale)
+
+        for t_curr, t_next in zip(times[:-1], times[1:]):
+            v = cfg_velocity(z, t_curr)
+            if solver == "heun":  # trapezoid of the velocities at both ends of the Euler prediction
+                z_pred = torch.cat([s[..., :stage], (z + (t_next - t_curr) * v)[..., stage:]], -1)
+                v = (v + cfg_velocity(z_pred, t_next)) / 2
+            z = z + (t_next - t_curr) * v
+            z = torch.cat([s[..., :stage], z[..., stage:]], -1)  # known channels stay at the truth
         if trace is not None:
             trace.setdefault("v_first", []).append(vs[0])
             trace.setdefault("v_last", []).append(vs[-1])
@@ -270,7 +293,7 @@ class Sampler:
             elif i < S - 1:
                 use_s = scfg[i] != 1.0 or sc.always_cfg
                 labels = self.structure_stage(canvas, labels, ids, classes_B, eps_BNK, i, scfg[i], use_s, times,
-                                              sc.gumbel_split, generator, trace)
+                                              sc.gumbel_split, generator, trace, sc.structure_solver)
         return VGS(tokens=all_tokens, labels=torch.stack(all_labels, 1), canvas=torch.stack(all_canvas, 1),
                    f_hat=canvas)
 
