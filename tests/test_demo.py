@@ -8,12 +8,14 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -70,6 +72,15 @@ def png_url(arr: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")  # uint16 (H, W) -> a 16-bit gray PNG, (H, W, 4) -> RGBA
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def huge_png_url(w: int, h: int) -> str:
+    """A PNG whose header claims w x h pixels (a decompression bomb's shape; its pixel data is never read)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def left_mask(size: int = 256, upto: int = 120) -> np.ndarray:
@@ -167,6 +178,9 @@ def test_transfer_and_regenerate(url, loaded):
     ("not an image", {"mode": "transfer", "image": "data:image/png;base64," + base64.b64encode(b"hello").decode()},
      400, "not an image file"),
     ("enormous", {"mode": "transfer", "image": png_url(np.zeros((4100, 64, 3), np.uint8))}, 400, "4096x4096"),
+    ("bomb", {"mode": "transfer", "image": huge_png_url(100000, 100000)}, 400, "4096x4096"),
+    ("wide", {"mode": "regenerate", "image": huge_png_url(5000, 10)}, 400, "4096x4096"),
+    ("truncated", {"mode": "transfer", "image": png_url(np.zeros((64, 64, 3), np.uint8))[:-40]}, 400, "cannot read the image"),
     ("not base64", {"mode": "transfer", "image": "data:image/png;base64,@@@"}, 400, "not valid base64"),
     ("no upload", {"mode": "regenerate"}, 400, "upload an image first"),
     ("blank mask", {"mode": "mask", "mask": png_url(np.zeros((64, 64, 3), np.uint8))}, 400, "canvas is blank"),

@@ -45,7 +45,10 @@ def main(argv=None) -> None:
     from .server import make_server
 
     model, tok, config = load_generator(args.ckpt, ema=None if args.ema else False, device=args.device)
-    server = make_server(Engine(model, tok, config), args.host, args.port, quiet=not args.verbose)
+    try:
+        server = make_server(Engine(model, tok, config), args.host, args.port, quiet=not args.verbose)
+    except OSError as e:  # port taken, unknown address, no permission
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
     try:
         local = ipaddress.ip_address(host).is_loopback

@@ -10,6 +10,7 @@ Every error is answered as JSON {"error": message} with a 4xx/5xx status; a fail
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -81,7 +82,10 @@ class Handler(BaseHTTPRequestHandler):
                 mb = MAX_BODY // (1024 * 1024)
                 if length <= DRAIN_LIMIT:
                     while length > 0:  # read what was sent so that the browser gets the message, not a reset
-                        length -= len(self.rfile.read(min(length, 1 << 20)) or b"x" * length)
+                        chunk = self.rfile.read(min(length, 1 << 20))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
                 else:
                     self.close_connection = True
                 return self._error(413, f"the upload is too large (over {mb} MB); files up to 10 MB are accepted")
@@ -105,6 +109,9 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, quiet: bool = True) -> ThreadingHTTPServer:
     """A server bound to (host, port) (port 0: any free port; `server.server_address` says which)."""
     handler = type("DemoHandler", (Handler,), {"engine": engine, "quiet": quiet})
-    server = ThreadingHTTPServer((host, port), handler)
+    cls = ThreadingHTTPServer
+    if ":" in host:  # an IPv6 address such as ::1
+        cls = type("DemoServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    server = cls((host, port), handler)
     server.daemon_threads = True
     return server
