@@ -272,11 +272,8 @@ class GeneratorTrainer:
 def main(cfg: TrainConfig) -> dict:
     from ..data import load_dataset
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    d = T.init_distributed(cfg.device)
-    loop = Loop(cfg, cfg.out_dir, d, "generator")
-    loop.prepare()
+    loop = Loop.start(cfg, cfg.out_dir, "generator")
+    d = loop.dist
     tok, tok_ref = load_tokenizer(cfg.tokenizer, d.device)
     train_set = load_dataset(cfg.dataset, "train", tok.config.image_size)
     num_classes = getattr(train_set, "num_classes", None) or len(train_set.class_names)

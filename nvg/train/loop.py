@@ -108,6 +108,15 @@ class Loop:
         self._synced_flags = torch.zeros(2, device=d.device)
 
     # ------------------------------------------------------------------------------------------------------ set-up
+    @classmethod
+    def start(cls, cfg: LoopConfig, run_dir: str | Path, desc: str, d: T.Dist | None = None) -> Loop:
+        """Threads, the process group (torchrun) and a prepared loop: the usual first lines of a trainer's main."""
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        loop = cls(cfg, run_dir, d or T.init_distributed(cfg.device), desc)
+        loop.prepare()
+        return loop
+
     def prepare(self) -> None:
         """Before any work: refuse a directory holding another run (unless resume / overwrite)."""
         if self.dist.is_main:

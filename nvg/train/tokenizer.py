@@ -230,11 +230,8 @@ class TokenizerTrainer:
 def main(cfg: TrainConfig) -> dict:
     from ..data import load_dataset
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    d = T.init_distributed(cfg.device)
-    loop = Loop(cfg, cfg.out_dir, d, "tokenizer")
-    loop.prepare()
+    loop = Loop.start(cfg, cfg.out_dir, "tokenizer")
+    d = loop.dist
     image_size = TokenizerConfig.from_name(cfg.preset).image_size
     train_set = load_dataset(cfg.dataset, "train", image_size)
     val_set = load_dataset(cfg.dataset, "val", image_size)

@@ -211,14 +211,15 @@ def train_transformer(cfg: TrainConfig, loop: Loop, vae_path: str) -> dict:
 
 
 def main(cfg: TrainConfig) -> dict:
-    dist = T.init_distributed(cfg.device)
     out = Path(cfg.out_dir)
     stages = [s for s in ("tokenizer", "transformer") if cfg.stage in (s, "both")]
-    loops = {"tokenizer": Loop(dataclasses.replace(cfg, steps=cfg.tokenizer_steps), out / "tokenizer", dist,
-                               "var tokenizer"),
-             "transformer": Loop(cfg, out / "transformer", dist, "var")}
-    for s in stages:  # a directory holding another run is refused before any work
-        loops[s].prepare()
+    loops, d = {}, None  # a directory holding another run is refused before any work
+    if "tokenizer" in stages:
+        loops["tokenizer"] = Loop.start(dataclasses.replace(cfg, steps=cfg.tokenizer_steps), out / "tokenizer",
+                                        "var tokenizer")
+        d = loops["tokenizer"].dist
+    if "transformer" in stages:
+        loops["transformer"] = Loop.start(cfg, out / "transformer", "var", d)
     results = {}
     if "tokenizer" in stages:
         results["tokenizer"] = train_tokenizer(cfg, loops["tokenizer"])
