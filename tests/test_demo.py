@@ -152,6 +152,10 @@ def test_results_equal_the_library(url, loaded):
     assert all(np.array_equal(decode_png(u), img[b]) for b, u in enumerate(st["images"]))
     assert len(st["progression"]) == 3 and all(len(p) == 5 for p in st["progression"])
     assert st["done"] == st["total"] == 6
+    st = generate(url, {"class": 2, "seed": 7, "n": 1, "sampler": {**FAST, "structure_solver": "heun"}})
+    vgs = Sampler(model, tok).generate(torch.full((1,), 2), SampleConfig(structure_steps=2, structure_solver="heun"),
+                                       seed=7)
+    assert torch.equal(torch.tensor(st["labels"]), vgs.labels)
 
 
 def test_mask_gives_the_balanced_split(url):
@@ -187,6 +191,8 @@ def test_transfer_and_regenerate(url, loaded):
     ("bad class", {"class": 10}, 400, "class must be"),
     ("bad n", {"n": 0}, 400, "number of samples"),
     ("bad top-p", {"sampler": {"top_p": [1.0, 0.0]}}, 400, "top_p"),
+    ("bad solver", {"sampler": {"structure_solver": "rk4"}}, 400, "structure_solver"),
+    ("solver not text", {"sampler": {"structure_solver": 2}}, 400, "structure_solver"),
     ("bad keep", {"mode": "regenerate", "image": png_url(np.zeros((8, 8, 3), np.uint8)), "keep_stages": 5}, 400,
      "stages to keep"),
 ])

@@ -20,7 +20,7 @@ import torch
 
 from ..sample import control
 from ..sample.pictures import structure_image
-from ..sample.sampler import SampleConfig, Sampler
+from ..sample.sampler import STRUCTURE_SOLVERS, SampleConfig, Sampler
 from . import uploads
 
 MODES = ("none", "mask", "transfer", "regenerate")
@@ -81,8 +81,8 @@ def _sampler_config(raw: object) -> SampleConfig:
     for name, value in raw.items():
         d = defaults[name]
         try:
-            if isinstance(d, bool):
-                if not isinstance(value, bool):
+            if isinstance(d, bool) or isinstance(d, str):
+                if type(value) is not type(d):
                     raise TypeError
                 kw[name] = value
             elif isinstance(d, tuple):
@@ -97,7 +97,7 @@ def _sampler_config(raw: object) -> SampleConfig:
                 kw[name] = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"sampler setting {name}: bad value {value!r}") from None
-    numbers = [float(x) for v in kw.values() for x in (v if isinstance(v, tuple) else (v,))]
+    numbers = [float(x) for v in kw.values() if not isinstance(v, str) for x in (v if isinstance(v, tuple) else (v,))]
     if not all(math.isfinite(x) and abs(x) < 1e6 for x in numbers):
         raise ValueError("sampler settings must be finite numbers")
     if kw.get("structure_steps", 1) > 1000:
@@ -128,7 +128,7 @@ class Engine:
     def info(self) -> dict:
         return {"classes": self.class_names, "num_stages": self.num_stages, "image_size": self.image_size,
                 "latent_hw": list(self.latent_hw), "defaults": dataclasses.asdict(SampleConfig()),
-                "max_samples": MAX_SAMPLES, "max_bytes": uploads.MAX_BYTES, "max_side": uploads.MAX_SIDE}
+                "solvers": list(STRUCTURE_SOLVERS), "max_samples": MAX_SAMPLES, "max_bytes": uploads.MAX_BYTES, "max_side": uploads.MAX_SIDE}
 
     def parse(self, body: object) -> Request:
         """Check a request (the page's JSON) and decode its uploads; ValueError with the page's message if bad."""

@@ -37,6 +37,7 @@ function resetSampler() {
   for (const k of PAIRS) { $(k + "0").value = d[k][0]; $(k + "1").value = d[k][1]; }
   for (const k of SINGLES) $(k).value = d[k];
   $("gumbel_split").checked = d.gumbel_split;
+  if ("structure_solver" in d) $("structure_solver").value = d.structure_solver;
 }
 
 function samplerSettings() {
@@ -44,6 +45,7 @@ function samplerSettings() {
   for (const k of PAIRS) out[k] = [Number($(k + "0").value), Number($(k + "1").value)];
   for (const k of SINGLES) out[k] = Number($(k).value);
   out.gumbel_split = $("gumbel_split").checked;
+  if (info.solvers.length) out.structure_solver = $("structure_solver").value;
   return out;
 }
 
@@ -242,6 +244,11 @@ async function start() {
   $("stages").max = S;
   $("keep-stages").max = S - 1;
   $("n").max = info.max_samples;
+  $("structure_solver").replaceChildren(...info.solvers.map((name) => {
+    const o = document.createElement("option");
+    o.value = o.textContent = name;
+    return o;
+  }));
   resetSampler();
   document.querySelectorAll("input[name=mode]").forEach((el) => el.addEventListener("change", showPanels));
   $("clear-mask").addEventListener("click", clearMask);
