@@ -218,17 +218,22 @@ def test_main_job_keeps_to_its_budget(tmp_path, monkeypatch, capsys):
     t0 = time.time()
     res = train.main_job(str(tmp_path / "main"), budget_minutes=5.0,
                          tokenizer=dict(steps=3, batch_size=4, eval_images=16, image_every=3, ckpt_every=3),
-                         generator=dict(steps=3, max_images=64, samples_per_class=1, sample_steps=2, ckpt_every=3))
+                         generator=dict(steps=3, max_images=64, samples_per_class=1, sample_steps=2, ckpt_every=3),
+                         quality_samples=20)
     cap, most = seen["cfg"].max_minutes, 5.0 - train.MAIN_JOB_RESERVE_MINUTES
     assert most - (time.time() - t0) / 60 <= cap < most  # the budget less what the tokenizer used
     assert seen["cfg"].tokenizer == res["tokenizer"]["checkpoint"]
     gen_dir = tmp_path / "main" / "generator"
     assert (gen_dir / "samples_final.png").exists() and (gen_dir / "stages_final.png").exists()
-    assert str(gen_dir / "samples_final.png") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(gen_dir / "samples_final.png") in out
+    assert "main job: quality of 20 samples" in out and "| class accuracy (FD-proxy CNN) |" in out
+    assert [r["n"] for r in res["quality"] if r["metric"].startswith("FD-proxy")] == [20]
     # run again: it never refuses, it sets the previous run aside and says so in one line
     again = train.main_job(str(tmp_path / "main"), budget_minutes=5.0,
                            tokenizer=dict(steps=2, batch_size=4, eval_images=16, image_every=2, ckpt_every=2),
-                           generator=dict(steps=2, max_images=64, samples_per_class=1, sample_steps=2, ckpt_every=2))
+                           generator=dict(steps=2, max_images=64, samples_per_class=1, sample_steps=2, ckpt_every=2),
+                           quality_samples=0)
     assert again["generator"]["steps"] == 2
     out = capsys.readouterr().out
     assert f"moved the previous run in {tmp_path / 'main'} to {tmp_path / 'main.previous'}" in out
