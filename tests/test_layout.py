@@ -41,7 +41,9 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             mod = node.module or ""
             if node.level:
                 mod = ".".join(base[: len(base) - node.level + 1] + ([mod] if mod else []))
-            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known]
+            # `from . import sibling` imports the sibling module (its package is already initialising)
+            targets = subs if len(subs) == len(node.names) else [mod] + subs
         else:
             continue
         for t in targets:
