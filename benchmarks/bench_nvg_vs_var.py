@@ -9,7 +9,10 @@ var-d{n} + var-vae-ch160, 256 px), bf16 autocast, NVG's compiled sampler (`Sampl
 
 Groups (one table each; VAR, the baseline, runs first; NVG's extra_info has speedup_vs_var = VAR median / NVG
 median, measured in the same run):
-  sample-b1-<size>     latency of one image, class-conditional, CFG on, tokens -> image (VAE decode included)
+  sample-b1-<size>     latency of one image, class-conditional, CFG on, tokens -> image (VAE decode included);
+                       rows var, nvg (faithful: official structure transformer, 25 Euler steps) and nvg_fast (the
+                       -fast preset, cached prefix, FAST_SAMPLE = 2 Heun steps); nvg_fast's extra_info also has
+                       speedup_vs_nvg = NVG faithful median / NVG fast median (same run)
   sample-b16/b64-...   throughput (images_per_s in extra_info); on a GPU also `var_graphs`: VAR with one CUDA graph
                        per scale (`VARSampler(graphs=True)`, nvg.baselines.var.graphs)
   decode-b16-<size>    the VAE decoder alone (latent -> image), reported separately
@@ -49,8 +52,11 @@ TRAIN_BATCH = 32 if HAS_CUDA else 16
 ROUNDS = {1: 10, 16: 5, 64: 3} if HAS_CUDA else {1: 3, 16: 1, 64: 1}
 RELEASED_VAR_D16 = {1: 0.200, 64: 64 / 141}  # seconds per call of the released code on an H200 (anchors.md)
 MODELS = ["var", "nvg"]  # the baseline first
-# sampling also runs VAR with one CUDA graph per scale on a GPU (the baseline stays the eager static-cache VAR)
-SAMPLE_MODELS = ["var", "var_graphs", "nvg"] if HAS_CUDA else MODELS
+# sampling also runs VAR with one CUDA graph per scale on a GPU (the baseline stays the eager static-cache VAR) and
+# NVG's fast variant (the <preset>-fast generator: prefix-cacheable structure transformer, few structure steps)
+SAMPLE_MODELS = (["var", "var_graphs"] if HAS_CUDA else ["var"]) + ["nvg", "nvg_fast"]
+# NVG fast's sampling settings: 2 Heun steps per structure stage (4 velocity evaluations, against 25 for faithful)
+FAST_SAMPLE = dict(structure_steps=2, structure_solver="heun")
 
 
 def sync():
@@ -72,6 +78,7 @@ _CACHE: dict = {}
 def build(size: str, model: str):
     """(generator, tokenizer) of `model` at `size`, random weights, eval mode, built once per run."""
     model = "var" if model.startswith("var") else model
+    nvg_fast = model == "nvg_fast"
     key = (size, model)
     if key not in _CACHE:
         for other in [k for k in _CACHE if k[0] != size]:  # one size in memory at a time
@@ -83,7 +90,7 @@ def build(size: str, model: str):
             gen = VAR(VARConfig.from_name(var_name))
         else:
             tok = Tokenizer(nvg_tok)
-            cfg = GeneratorConfig.from_name(nvg_name, latent_dim=tok.config.latent_channels,
+            cfg = GeneratorConfig.from_name(nvg_name + ("-fast" if nvg_fast else ""), latent_dim=tok.config.latent_channels,
                                             vocab_size=tok.config.vocab_size)
             gen = NVGGenerator(cfg)
         _CACHE[key] = (gen.to(DEVICE).eval(), tok.to(DEVICE).eval())
@@ -98,7 +105,8 @@ def sampler_fn(size: str, model: str, batch: int):
         sampler = VARSampler(gen, tok, graphs=model == "var_graphs", autocast_dtype=AMP_DTYPE)
         config = VARSampleConfig()
     else:
-        sampler, config = Sampler(gen, tok, fast=HAS_CUDA), SampleConfig()
+        sampler = Sampler(gen, tok, fast=HAS_CUDA)
+        config = SampleConfig(**FAST_SAMPLE) if model == "nvg_fast" else SampleConfig()
 
     def run():
         with torch.no_grad(), amp():
@@ -147,6 +155,11 @@ def test_sample(benchmark, record_baseline, report_ratio, size, batch, model):
         record_baseline(key, benchmark)
     else:
         report_ratio(key, "var", benchmark, sampler_fn(size, "var", batch))
+    if model == "nvg":
+        record_baseline(key + ("nvg",), benchmark)
+    if model == "nvg_fast":
+        report_ratio(key + ("nvg",), "nvg", benchmark, sampler_fn(size, "nvg", batch))
+        benchmark.extra_info["sample_config"] = FAST_SAMPLE
 
 
 def decode_fn(size: str, model: str, batch: int):
