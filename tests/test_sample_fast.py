@@ -162,3 +162,30 @@ def test_cuda_graph_step_equals_eager():
     for va, vb in zip(traces[0]["v_last"], traces[1]["v_last"]):
         torch.testing.assert_close(va, vb, atol=2e-2, rtol=2e-2)
     assert (a.labels == b.labels).float().mean() > 0.9
+
+
+def test_trainer_and_cli_with_the_fast_preset(tmp_path):
+    # `python -m nvg.train generator --preset nvg-tiny-fast`, then `python -m nvg.sample --structure-solver heun`
+    from nvg import checkpoint
+    from nvg.checkpoint import open_checkpoint
+    from nvg.sample.__main__ import main as sample_main
+    from nvg.tokenizer import TokenizerConfig
+    from nvg.train import common as T
+    from nvg.train.generator import TrainConfig, main
+
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig(image_size=16, latent_size=4, base_channels=8, channel_mult=(1, 1, 1),
+                                    num_res_blocks=1, latent_channels=8, codebook_size=64, norm_groups=4))
+    checkpoint.save(tmp_path / "tok", 1, tok.state_dict(), {"kind": "tokenizer", "run_id": "t", "train": {},
+                                                            "model": tok.config.to_dict()}, {"step": 1},
+                    ema=T.EMA(tok, 0.0).state_dict())
+    res = main(TrainConfig(tokenizer=str(tmp_path / "tok"), preset="nvg-tiny-fast", depth=1,
+                           out_dir=str(tmp_path / "run"), steps=2, batch_size=4, max_images=16, warmup_steps=1, samples_per_class=1, sample_steps=2,
+                           image_every=1000, ckpt_every=2, log_every=1, max_minutes=None))
+    assert open_checkpoint(res["checkpoint"]).config["model"]["structure_attention"] == "prefix"
+    m = NVGGenerator.from_checkpoint(tmp_path / "run")
+    assert m.config.structure_attention == "prefix"
+    out = tmp_path / "s.npz"
+    sample_main(["--ckpt", str(tmp_path / "run"), "--classes", "1", "--n", "2", "--out", str(out),
+                 "--structure-steps", "2", "--structure-solver", "heun"])
+    assert out.exists()
