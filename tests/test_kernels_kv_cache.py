@@ -174,3 +174,14 @@ def test_cpu_path_builds_no_mask_when_all_keys_are_visible():
         k_all, v_all = torch.cat([k[:, :, :P], kk], 2), torch.cat([v[:, :, :P], vv], 2)
         torch.testing.assert_close(out, block_attention_ref(q[:, :, P:], k_all, v_all, ids[P:], ids), **TOL["cpu"])
     assert all(views[-1] is None for views in cache._views.values())
+
+
+def test_views_follow_the_buffers_after_to():
+    # the per-range views are remade after .to() / .half(): writes land in the new buffers
+    cache = KVCache(1, 2, 6, 16, block_ids=torch.tensor([0, 0, 0, 1, 1, 1]))
+    k = torch.randn(1, 2, 3, 16)
+    cache.append(k, k, 0)
+    cache.to(torch.float64)
+    cache.append(k.double() * 2, k.double(), 0)
+    torch.testing.assert_close(cache.k[:, :, :3], k.double() * 2)
+    assert cache.attend(k.double(), 0).dtype == torch.float64
