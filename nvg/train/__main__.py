@@ -47,7 +47,7 @@ def parse(argv: list[str]):
     mod = _load(name)
     parser = ArgumentParser(prog=f"python -m nvg.train {name}", description=mod.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, mod.TrainConfig)
+    add_dataclass_args(parser, mod.TrainConfig, aliases=getattr(mod, "CLI_ALIASES", None))
     return mod, dataclass_from_args(mod.TrainConfig, parser.parse_args(argv[1:]))
 
 

@@ -138,6 +138,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+CLI_ALIASES = {"image_every": ("--sample-every",)}  # the option's earlier name keeps working
+
+
 class GeneratorTrainer:
     """Content + structure transformers, teacher-forced over all stages of each image (official)."""
 
