@@ -135,10 +135,11 @@ FAST = {"structure_steps": 2}
 
 
 # ------------------------------------------------------------------------------------------------------ the API
-def test_info_and_page(url):
+def test_info_and_page(url, loaded):
     info = get(url, "/api/info")
     assert info["classes"] == NAMES and info["num_stages"] == 5 and info["latent_hw"] == [4, 4]
-    assert info["defaults"] == json.loads(json.dumps(dataclasses.asdict(SampleConfig())))  # the official defaults
+    official = SampleConfig().resolved(loaded[0].config)  # the official defaults for this model
+    assert info["defaults"] == json.loads(json.dumps(dataclasses.asdict(official)))
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         assert b"mask-canvas" in r.read()
 

@@ -8,6 +8,7 @@ from nvg.convert_generator import load_official_generator
 from nvg.model import PRESETS, GeneratorConfig, NVGGenerator
 from nvg.prefix import PrefixCache, forward_structure_prefix, prefix_block, prefix_block_ids
 from nvg.sample import SampleConfig, Sampler
+from nvg.sample.sampler import DEFAULT_STRUCTURE_SAMPLING
 from nvg.tokenizer import Tokenizer
 
 
@@ -114,7 +115,14 @@ def test_cached_sampler_equals_recomputation(solver, steps, B):
 
 
 def test_solver_config():
-    assert SampleConfig().structure_solver == "euler" and SampleConfig().structure_steps == 25
+    full, prefix = GeneratorConfig.from_name("nvg-tiny"), GeneratorConfig.from_name("nvg-tiny-fast")
+    sc = SampleConfig()
+    assert (sc.structure_steps, sc.structure_solver) == (None, None)  # unset: the model's default
+    assert (sc.resolved(full).structure_steps, sc.resolved(full).structure_solver) == (25, "euler")  # official
+    assert (sc.resolved(prefix).structure_steps, sc.resolved(prefix).structure_solver) == \
+        DEFAULT_STRUCTURE_SAMPLING["prefix"]
+    set_ = SampleConfig(structure_steps=3, structure_solver="euler").resolved(prefix)
+    assert (set_.structure_steps, set_.structure_solver) == (3, "euler")  # what is set stays
     with pytest.raises(ValueError, match="structure_solver must be one of"):
         SampleConfig(structure_solver="rk4")
 

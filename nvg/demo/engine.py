@@ -73,7 +73,7 @@ def _sampler_config(raw: object) -> SampleConfig:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ValueError("sampler settings must be an object")
-    defaults = dataclasses.asdict(SampleConfig())
+    defaults = dataclasses.asdict(SampleConfig(structure_steps=25, structure_solver="euler"))  # the value types
     unknown = set(raw) - set(defaults)
     if unknown:
         raise ValueError(f"unknown sampler setting(s): {', '.join(sorted(unknown))}")
@@ -127,8 +127,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ requests
     def info(self) -> dict:
         return {"classes": self.class_names, "num_stages": self.num_stages, "image_size": self.image_size,
-                "latent_hw": list(self.latent_hw), "defaults": dataclasses.asdict(SampleConfig()),
-                "solvers": list(STRUCTURE_SOLVERS), "max_samples": MAX_SAMPLES, "max_bytes": uploads.MAX_BYTES, "max_side": uploads.MAX_SIDE}
+                "latent_hw": list(self.latent_hw),
+                "defaults": dataclasses.asdict(SampleConfig().resolved(self.model.config)),
+                "solvers": list(STRUCTURE_SOLVERS), "max_samples": MAX_SAMPLES, "max_bytes": uploads.MAX_BYTES,
+                "max_side": uploads.MAX_SIDE}
 
     def parse(self, body: object) -> Request:
         """Check a request (the page's JSON) and decode its uploads; ValueError with the page's message if bad."""

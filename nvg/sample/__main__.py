@@ -42,8 +42,10 @@ SAMPLER_HELP = {
     "top_p": "nucleus mass in (0, 1], falling log-wise from START to END over the stages; 1 = off",
     "top_k": "0 = off, 1 = argmax",
     "temperature": "sampling temperature (> 0)",
-    "structure_steps": "solver steps of the structure flow per stage (official: 25 Euler steps)",
-    "structure_solver": "structure flow solver: euler (official) or heun (2nd order, 2 evaluations per step)",
+    "structure_steps": "solver steps of the structure flow per stage (default: the official 25 for the official "
+                       "model, 2 for the fast variant)",
+    "structure_solver": "structure flow solver: euler (official; the official model's default) or heun (2nd order, "
+                        "2 evaluations per step; the fast variant's default)",
     "gumbel_split": "Gumbel top-k splits instead of deterministic top-k",
     "always_cfg": "also run the unconditional pass at CFG scale 1 (as official; same result, slower)",
 }

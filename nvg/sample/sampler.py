@@ -17,7 +17,7 @@ VAR's sampler has the same call: nvg.baselines.var.sample.VARSampler(var, vae).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from ..tokenizer import Tokenizer
 
 
 STRUCTURE_SOLVERS = ("euler", "heun")
+# structure-flow defaults (steps, solver) per structure transformer: the official 25 Euler steps for the official
+# model; for the prefix-cacheable fast variant, the setting chosen from the quality-vs-steps table (README)
+DEFAULT_STRUCTURE_SAMPLING = {"full": (25, "euler"), "prefix": (2, "heun")}
 
 
 @dataclass
@@ -41,21 +44,28 @@ class SampleConfig:
     top_p: tuple[float, float] = (1.0, 0.5)  # nucleus mass in (0, 1], falling log-wise over the stages; 1.0 = off
     top_k: int = 0  # 0 = off; 1 = argmax (deterministic, ignores temperature and top-p)
     temperature: float = 1.0
-    structure_steps: int = 25  # solver steps of the structure flow per stage
-    structure_solver: str = "euler"  # "euler" (official) or "heun" (2nd order, two velocity evaluations per step)
+    structure_steps: int | None = None  # solver steps of the structure flow per stage (None: the model's default)
+    structure_solver: str | None = None  # "euler" (official) or "heun" (2nd order, two velocity evaluations / step)
     gumbel_split: bool = False  # Gumbel top-k instead of deterministic top-k when splitting clusters
     always_cfg: bool = False  # also run the unconditional pass at scale 1 (official); off = skip it (same result)
 
     def __post_init__(self):
-        if self.structure_steps < 1:
+        if self.structure_steps is not None and self.structure_steps < 1:
             raise ValueError(f"structure_steps must be >= 1, got {self.structure_steps}")
-        if self.structure_solver not in STRUCTURE_SOLVERS:
+        if self.structure_solver is not None and self.structure_solver not in STRUCTURE_SOLVERS:
             raise ValueError(f"structure_solver must be one of {STRUCTURE_SOLVERS}, got {self.structure_solver!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not all(0 < p <= 1 for p in self.top_p):
             raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {self.top_k}, "
                              f"{self.top_p}")
+
+    def resolved(self, model_config) -> SampleConfig:
+        """These settings with the structure flow's unset steps / solver filled in for the model: the official 25
+        Euler steps for the official structure transformer, DEFAULT_STRUCTURE_SAMPLING["prefix"] for the fast one."""
+        steps, solver = DEFAULT_STRUCTURE_SAMPLING[getattr(model_config, "structure_attention", "full")]
+        return replace(self, structure_steps=self.structure_steps or steps, structure_solver=self.structure_solver
+                       or solver)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -247,7 +257,7 @@ class Sampler:
         Returns:
             VGS with tokens (list of (B, 2**i)), labels (B, S, N), canvas (B, S, N, C) (stage inputs), f_hat (B, N, C).
         """
-        sc = config or SampleConfig()
+        sc = (config or SampleConfig()).resolved(self.model.config)
         m, q, cfg = self.model, self.quantizer, self.model.config
         S, N, K, C = cfg.num_stages, cfg.num_positions, cfg.K, cfg.latent_dim
         dev = next(m.parameters()).device
