@@ -15,6 +15,7 @@ torch.library.custom_op and run the reference on every device (with a warning on
 """
 import contextlib
 import warnings
+from bisect import bisect_right
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +289,37 @@ def check_block_ids(q_block: Tensor, k_block: Tensor) -> None:
                          "its softmax row would be empty")
 
 
+MAX_CPU_GROUPS = 16  # the CPU fast path below handles at most this many query blocks
+
+
+def key_prefixes(q_block: Tensor, k_block: Tensor) -> list[tuple[int, int, int]] | None:
+    """[(q_start, q_end, k_end)]: runs of equal query block ids and the key prefix [0, k_end) each run sees, for 1-D
+    ids with non-decreasing keys (then the visible keys of a query are always a prefix); None when the ids are
+    per-batch, a query sees no key, or there are more than MAX_CPU_GROUPS runs (e.g. causal: use the mask)."""
+    if q_block.dim() != 1 or k_block.dim() != 1:
+        return None
+    qb, kb = q_block.tolist(), k_block.tolist()
+    runs, start = [], 0
+    for i in range(1, len(qb) + 1):
+        if i == len(qb) or qb[i] != qb[start]:
+            end = bisect_right(kb, qb[start])
+            if end == 0:
+                return None
+            runs.append((start, i, end))
+            start = i
+            if len(runs) > MAX_CPU_GROUPS:
+                return None
+    return runs
+
+
+def _block_attention_cpu(q, k, v, runs, scale):
+    """CPU: per run of query blocks, SDPA over its key prefix without a mask (the same values as the reference,
+    fewer operations, torch's own backward)."""
+    q, k, v = q.float(), k.float(), v.float()  # fp32 like the reference (no-ops for fp32 inputs)
+    outs = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :e], v[:, :, :e], scale=scale) for a, b, e in runs]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
 def _capturing(x: Tensor) -> bool:
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -310,4 +342,8 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, q_block: Tensor, k_block: T
     if check and not torch.compiler.is_compiling() and not _capturing(q):
         check_block_ids(q_block, k_block)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        runs = key_prefixes(q_block, k_block)
+        if runs is not None:
+            return _block_attention_cpu(q, k, v, runs, scale).to(q.dtype)
     return torch.ops.nvg.block_attn_fwd(q, k, v, q_block, k_block, scale)[0]

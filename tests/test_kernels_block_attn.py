@@ -269,3 +269,26 @@ def test_kernels_compile_for_hopper():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_cpu_path_per_query_block_equals_the_reference():
+    """On the CPU, queries of each block run attend their visible key prefix without a mask: same values and grads."""
+    from nvg.kernels.block_attn import MAX_CPU_GROUPS, key_prefixes
+
+    torch.manual_seed(0)
+    prefix = torch.tensor([0] * 5 + [1] * 4)  # NVG prefix-LM: 5 prefix tokens, 4 structure tokens
+    assert key_prefixes(prefix, prefix) == [(0, 5, 5), (5, 9, 9)]
+    assert key_prefixes(prefix[5:], prefix) == [(0, 4, 9)]  # structure queries only (the cached step)
+    assert key_prefixes(torch.arange(MAX_CPU_GROUPS + 1), torch.arange(MAX_CPU_GROUPS + 1)) is None  # mask path
+    assert key_prefixes(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, dtype=torch.long)) is None  # per batch
+    scales = torch.repeat_interleave(torch.arange(4), torch.tensor([1, 4, 9, 3]))  # VAR-like, odd last scale
+    for ids in (prefix, scales):
+        q, k, v = (torch.randn(2, 3, len(ids), 16, requires_grad=True) for _ in range(3))
+        out = block_attention(q, k, v, ids, ids)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        ref = block_attention_ref(q, k, v, ids, ids)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
