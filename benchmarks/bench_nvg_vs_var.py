@@ -11,7 +11,7 @@ Groups (one table each; VAR, the baseline, runs first; NVG's extra_info has spee
 median, measured in the same run):
   sample-b1-<size>     latency of one image, class-conditional, CFG on, tokens -> image (VAE decode included);
                        rows var, nvg (faithful: official structure transformer, 25 Euler steps) and nvg_fast (the
-                       -fast preset, cached prefix, FAST_SAMPLE = 2 Heun steps); nvg_fast's extra_info also has
+                       -fast preset, cached prefix, its default: 2 Euler steps); nvg_fast's extra_info also has
                        speedup_vs_nvg = NVG faithful median / NVG fast median (same run)
   sample-b16/b64-...   throughput (images_per_s in extra_info); on a GPU also `var_graphs`: VAR with one CUDA graph
                        per scale (`VARSampler(graphs=True)`, nvg.baselines.var.graphs)
@@ -55,8 +55,8 @@ MODELS = ["var", "nvg"]  # the baseline first
 # sampling also runs VAR with one CUDA graph per scale on a GPU (the baseline stays the eager static-cache VAR) and
 # NVG's fast variant (the <preset>-fast generator: prefix-cacheable structure transformer, few structure steps)
 SAMPLE_MODELS = (["var", "var_graphs"] if HAS_CUDA else ["var"]) + ["nvg", "nvg_fast"]
-# NVG fast's sampling settings: 2 Heun steps per structure stage (4 velocity evaluations, against 25 for faithful)
-FAST_SAMPLE = dict(structure_steps=2, structure_solver="heun")
+# Both NVG rows sample with nvg.sample's defaults for their model: the official 25 Euler steps for faithful, the fast
+# variant's default (nvg.sample.sampler.DEFAULT_STRUCTURE_SAMPLING, chosen from the README's quality table) for fast
 
 
 def sync():
@@ -106,7 +106,7 @@ def sampler_fn(size: str, model: str, batch: int):
         config = VARSampleConfig()
     else:
         sampler = Sampler(gen, tok, fast=HAS_CUDA)
-        config = SampleConfig(**FAST_SAMPLE) if model == "nvg_fast" else SampleConfig()
+        config = SampleConfig()  # resolved per model: 25 Euler steps (faithful), the fast default (fast)
 
     def run():
         with torch.no_grad(), amp():
@@ -159,7 +159,9 @@ def test_sample(benchmark, record_baseline, report_ratio, size, batch, model):
         record_baseline(key + ("nvg",), benchmark)
     if model == "nvg_fast":
         report_ratio(key + ("nvg",), "nvg", benchmark, sampler_fn(size, "nvg", batch))
-        benchmark.extra_info["sample_config"] = FAST_SAMPLE
+        sc = SampleConfig().resolved(build(size, model)[0].config)
+        benchmark.extra_info["sample_config"] = dict(structure_steps=sc.structure_steps,
+                                                     structure_solver=sc.structure_solver)
 
 
 def decode_fn(size: str, model: str, batch: int):

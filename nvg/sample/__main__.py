@@ -44,8 +44,8 @@ SAMPLER_HELP = {
     "temperature": "sampling temperature (> 0)",
     "structure_steps": "solver steps of the structure flow per stage (default: the official 25 for the official "
                        "model, 2 for the fast variant)",
-    "structure_solver": "structure flow solver: euler (official; the official model's default) or heun (2nd order, "
-                        "2 evaluations per step; the fast variant's default)",
+    "structure_solver": "structure flow solver: euler (official; the default) or heun (2nd order, 2 evaluations per "
+                        "step)",
     "gumbel_split": "Gumbel top-k splits instead of deterministic top-k",
     "always_cfg": "also run the unconditional pass at CFG scale 1 (as official; same result, slower)",
 }

@@ -34,7 +34,7 @@ from ..tokenizer import Tokenizer
 STRUCTURE_SOLVERS = ("euler", "heun")
 # structure-flow defaults (steps, solver) per structure transformer: the official 25 Euler steps for the official
 # model; for the prefix-cacheable fast variant, the setting chosen from the quality-vs-steps table (README)
-DEFAULT_STRUCTURE_SAMPLING = {"full": (25, "euler"), "prefix": (2, "heun")}
+DEFAULT_STRUCTURE_SAMPLING = {"full": (25, "euler"), "prefix": (2, "euler")}
 
 
 @dataclass

@@ -36,7 +36,8 @@ class TrainConfig(LoopConfig):
     `--preset nvg-d16 --lr 0` (= 1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes 0`."""
 
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
-    preset: str = "nvg-tiny"  # generator preset; latent size, channels, vocabulary and classes come from the data
+    preset: str = "nvg-tiny-fast"  # generator preset (the main job's: the fast variant, README "Fast NVG"); latent size,
+    # channels, vocabulary and classes come from the data
     depth: int | None = None  # override the preset's depth / width / head_dim
     width: int | None = None
     head_dim: int | None = None
@@ -64,13 +65,13 @@ class TrainConfig(LoopConfig):
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 under torchrun (d20 / d24)
     image_every: int = 1000  # sample grids every this many steps
     samples_per_class: int = 8
-    sample_steps: int = 25  # structure Euler steps for the sample grids
+    sample_steps: int | None = None  # structure steps of the sample grids (None: nvg.sample's default for the model)
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.null_class_prob < 1:
             raise ValueError(f"--null-class-prob must be in [0, 1), got {self.null_class_prob}")
-        if self.samples_per_class < 1 or self.sample_steps < 1:
+        if self.samples_per_class < 1 or (self.sample_steps is not None and self.sample_steps < 1):
             raise ValueError(f"--samples-per-class and --sample-steps must be >= 1, got {self.samples_per_class} "
                              f"and {self.sample_steps}")
         if self.lr is not None and self.lr < 0:
@@ -114,13 +115,14 @@ def estimate_scale_factors(tok: Tokenizer, cache: dict, device, n: int = 512) ->
 
 
 @torch.no_grad()
-def write_samples(model: NVGGenerator, tok: Tokenizer, num_classes: int, per_class: int, steps: int, out: Path,
-                  tag: str, seed: int = 0) -> Path:
-    """One row per class (`samples_<tag>.png`) and a per-stage strip of the first sample of each class."""
+def write_samples(model: NVGGenerator, tok: Tokenizer, num_classes: int, per_class: int, steps: int | None,
+                  out: Path, tag: str, seed: int = 0) -> Path:
+    """One row per class (`samples_<tag>.png`) and a per-stage strip of the first sample of each class, drawn with
+    `python -m nvg.sample`'s defaults (official schedules; `steps` structure steps, None: the model's default)."""
     model.eval()
     sampler = Sampler(model, tok)
     y = torch.arange(num_classes, device=tok.quantize.embedding.weight.device).repeat_interleave(per_class)
-    sc = SampleConfig(structure_steps=steps, content_cfg=(1.0, 3.0), structure_cfg=(1.0, 2.0))
+    sc = SampleConfig(structure_steps=steps)
     vgs = sampler.generate(y, sc, seed=seed)
     T.save_image_grid(tok.decode(vgs.f_hat), out / f"samples_{tag}.png", nrow=per_class, scale=2)
     first = torch.arange(num_classes, device=y.device) * per_class
