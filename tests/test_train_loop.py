@@ -117,3 +117,13 @@ def test_options_are_validated_before_any_work():
                 dict(resume=True, overwrite=True)):
         with pytest.raises(ValueError):
             LoopConfig(**bad)
+
+
+def test_schedule_follows_the_time_budget_under_a_cap(tmp_path):
+    free = Loop(LoopConfig(steps=100), tmp_path / "a", T.Dist(), "toy")
+    free.time_used = 0.9
+    assert free.schedule_step(10) == 10  # no cap: the step itself
+    capped = Loop(LoopConfig(steps=100, max_minutes=5), tmp_path / "b", T.Dist(), "toy")
+    capped.time_used = 0.85
+    assert capped.schedule_step(10) == 85  # 85 % of the budget used: the schedule is 85 % along (its decay)
+    assert capped.schedule_step(90) == 90  # never behind the step

@@ -243,8 +243,8 @@ class GeneratorTrainer:
             repa_target = self.dino.patch_features(x, tok.config.latent_size)
         drop = torch.rand(y.shape, generator=self.gen, device=dev) < cfg.null_class_prob
         y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        T.set_lr(self.opt, self.peak_lr * T.lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup_steps,
-                                                      cfg.decay_start, cfg.final_lr_ratio))
+        T.set_lr(self.opt, self.peak_lr * T.lr_factor(self.loop.schedule_step(step), cfg.steps, cfg.schedule,
+                                                      cfg.warmup_steps, cfg.decay_start, cfg.final_lr_ratio))
         with T.autocast(dev, cfg.amp):
             res = self.net(vgs.canvas, vgs.labels, y, generator=self.gen)
             loss, terms = generator_loss(res, vgs.f_hat, vgs.tokens, repa_target, cfg.repa_weight)

@@ -104,6 +104,7 @@ class Loop:
     def __init__(self, cfg: LoopConfig, run_dir: str | Path, d: T.Dist, desc: str):
         self.cfg, self.run_dir, self.dist, self.desc = cfg, Path(run_dir), d, desc
         self.step, self.bad_steps, self.bad_in_row, self.signalled = 0, 0, 0, False
+        self.time_used = 0.0  # share of the --max-minutes budget used so far (this invocation)
         self.run_id = checkpoint.new_run_id()
         self._synced_flags = torch.zeros(2, device=d.device)
 
@@ -212,15 +213,23 @@ class Loop:
 
     # ------------------------------------------------------------------------------------------------------ the run
     def _stop_flags(self, t0: float, signals: _Signals) -> tuple[bool, bool]:
-        """(over time, signalled), agreed by all ranks (one small all-reduce per step under torchrun)."""
+        """(over time, signalled), agreed by all ranks (one small all-reduce per step under torchrun); also the share
+        of the time budget used, the same on every rank (see schedule_step)."""
         cap = self.cfg.max_minutes
-        over = bool(cap) and time.time() - t0 > 60 * cap
-        flags = (float(over), float(signals.received is not None))
+        used = (time.time() - t0) / (60 * cap) if cap else 0.0
+        flags = (float(used > 1), float(signals.received is not None), used)
         if self.dist.world_size > 1:
-            t = torch.tensor(flags, device=self.dist.device)
+            t = torch.tensor(flags, device=self.dist.device, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = tuple(t.tolist())
+        self.time_used = flags[2]
         return bool(flags[0]), bool(flags[1])
+
+    def schedule_step(self, step: int) -> int:
+        """The step an LR schedule should see: the step itself, or, under --max-minutes, the same share of
+        cfg.steps as the share of the time budget already used when that is further along, so that a time-capped
+        run goes through its warm-up, plateau and decay before the cap (agreed by all ranks)."""
+        return max(step, int(self.time_used * self.cfg.steps)) if self.cfg.max_minutes else step
 
     def run(self, trainer, num_items: int) -> dict:
         """Train until cfg.steps (or the time cap, a signal, stop_after); returns a summary dict."""

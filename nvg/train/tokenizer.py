@@ -169,7 +169,7 @@ class TokenizerTrainer:
     def step(self, idx: list[int], step: int, epoch: int) -> dict:
         cfg, dev = self.cfg, self.dev
         x = T.collate(self.train_set, idx)[0].to(dev, non_blocking=True)
-        lr = cfg.lr * T.lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup_steps)
+        lr = cfg.lr * T.lr_factor(self.loop.schedule_step(step), cfg.steps, cfg.schedule, cfg.warmup_steps)
         T.set_lr(self.opt, lr)
         use_disc = self.disc is not None and cfg.disc_weight > 0 and step >= cfg.disc_start
         ibq = epoch < cfg.ibq_epochs

@@ -156,8 +156,8 @@ class VARTrainer:
             idx_list = self.vae.encode(x)
             x_BLCv = self.vae.quantize.indices_to_var_input(idx_list)
             target_BL = torch.cat(idx_list, 1)
-        T.set_lr(self.opt, cfg.lr * T.lr_factor(step, cfg.steps, "wsd", self.warmup, decay_start=0.07,
-                                                final_ratio=0.1))
+        T.set_lr(self.opt, cfg.lr * T.lr_factor(self.loop.schedule_step(step), cfg.steps, "wsd", self.warmup,
+                                                decay_start=0.07, final_ratio=0.1))
         with T.autocast(dev, cfg.amp):
             logits_BLV = self.net(labels, x_BLCv)
         loss = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(),
