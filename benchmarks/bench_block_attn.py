@@ -195,7 +195,9 @@ def test_block_attn(benchmark, record_baseline, report_ratio, provider, shape, m
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One layer's attention over a whole VAR sampling run: the static cache against VAR's released torch.cat growth.
-CACHE_SHAPE = (128, 16, 64, VAR_SIDES) if HAS_CUDA else (2, 2, 32, (1, 2, 3, 4))  # B = 64 images x 2 (CFG)
+# B = 64 images x 2 (CFG): VAR-d16 on a GPU; on the CPU var-tiny (2 heads of 64, 6 scales), the shape the CPU
+# sampling benchmark (bench_nvg_vs_var.py, batch 64) runs
+CACHE_SHAPE = (128, 16, 64, VAR_SIDES) if HAS_CUDA else (128, 2, 64, (1, 2, 3, 4, 6, 8))
 CACHE_PROVIDERS = ["cat_sdpa", "nvg_static_cache"]
 
 
