@@ -75,3 +75,31 @@ def assert_close_scaled():
         torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=0, **kw)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_run(tmp_path_factory):
+    """A tiny random generator + tokenizer saved as trained runs (16x16 images, 4x4 latents, 5 stages; the class
+    names of Fashion-MNIST's first three classes, then c3..c9). Returns the generator's run directory."""
+    import dataclasses
+
+    from nvg import checkpoint
+    from nvg.model import GeneratorConfig, NVGGenerator
+    from nvg.sample import loading
+    from nvg.tokenizer import Tokenizer, TokenizerConfig
+
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    gcfg = GeneratorConfig.from_name("nvg-test")
+    tok = Tokenizer(TokenizerConfig(image_size=16, latent_size=4, base_channels=8, channel_mult=(1, 1, 1),
+                                    num_res_blocks=1, latent_channels=gcfg.latent_dim, codebook_size=gcfg.vocab_size,
+                                    norm_groups=4))
+    tok.quantize.embedding.weight.data.normal_()
+    checkpoint.save(root / "tok", 1, tok.state_dict(), {"kind": "tokenizer", "run_id": "t",
+                                                        "model": tok.config.to_dict()}, {})
+    _, ref = loading.load_tokenizer(root / "tok")
+    names = ["T-shirt/top", "Trouser", "Pullover"] + [f"c{i}" for i in range(3, 10)]
+    checkpoint.save(root / "gen", 1, NVGGenerator(gcfg).state_dict(),
+                    {"kind": "generator", "run_id": "g", "model": dataclasses.asdict(gcfg), "class_names": names,
+                     "tokenizer": loading.tokenizer_reference(ref, root / "gen")}, {})
+    return str(root / "gen")

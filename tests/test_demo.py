@@ -23,33 +23,16 @@ import torch
 from PIL import Image
 
 import nvg  # noqa: F401
-from nvg import checkpoint
 from nvg.demo import Engine, make_server
-from nvg.model import GeneratorConfig, NVGGenerator
 from nvg.sample import SampleConfig, Sampler, control, loading
-from nvg.tokenizer import Tokenizer, TokenizerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ["T-shirt/top", "Trouser", "Pullover"] + [f"c{i}" for i in range(3, 10)]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny random generator + tokenizer saved as trained runs (16x16 images, 4x4 latents, 5 stages)."""
-    root = tmp_path_factory.mktemp("runs")
-    torch.manual_seed(0)
-    gcfg = GeneratorConfig.from_name("nvg-test")
-    tok = Tokenizer(TokenizerConfig(image_size=16, latent_size=4, base_channels=8, channel_mult=(1, 1, 1),
-                                    num_res_blocks=1, latent_channels=gcfg.latent_dim, codebook_size=gcfg.vocab_size,
-                                    norm_groups=4))
-    tok.quantize.embedding.weight.data.normal_()
-    checkpoint.save(root / "tok", 1, tok.state_dict(), {"kind": "tokenizer", "run_id": "t",
-                                                        "model": tok.config.to_dict()}, {})
-    _, ref = loading.load_tokenizer(root / "tok")
-    checkpoint.save(root / "gen", 1, NVGGenerator(gcfg).state_dict(),
-                    {"kind": "generator", "run_id": "g", "model": dataclasses.asdict(gcfg), "class_names": NAMES,
-                     "tokenizer": loading.tokenizer_reference(ref, root / "gen")}, {})
-    return str(root / "gen")
+def run(tiny_generator_run):
+    return tiny_generator_run
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,17 @@
 """`python -m nvg.sample`: options from dataclasses, every bad input refused before any work (one line, exit 2),
 outputs written atomically, reference images of any bit depth read correctly."""
 
-import dataclasses
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import nvg  # noqa: F401
-from nvg import checkpoint
-from nvg.model import GeneratorConfig, NVGGenerator
-from nvg.sample import SampleConfig, loading
+from nvg.sample import SampleConfig
 from nvg.sample import __main__ as sample_cli
-from nvg.tokenizer import Tokenizer, TokenizerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,24 +19,8 @@ FAST = ["--structure-steps", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny random generator + tokenizer saved as trained runs (class names of Fashion-MNIST's first three)."""
-    root = tmp_path_factory.mktemp("runs")
-    torch.manual_seed(0)
-    gcfg = GeneratorConfig.from_name("nvg-test")
-    tok = Tokenizer(TokenizerConfig(image_size=16, latent_size=4, base_channels=8, channel_mult=(1, 1, 1),
-                                    num_res_blocks=1, latent_channels=gcfg.latent_dim, codebook_size=gcfg.vocab_size,
-                                    norm_groups=4))
-    tok.quantize.embedding.weight.data.normal_()
-    checkpoint.save(root / "tok", 1, tok.state_dict(), {"kind": "tokenizer", "run_id": "t",
-                                                        "model": tok.config.to_dict()}, {})
-    _, ref = loading.load_tokenizer(root / "tok")
-    model = NVGGenerator(gcfg)
-    names = ["T-shirt/top", "Trouser", "Pullover"] + [f"c{i}" for i in range(3, 10)]
-    checkpoint.save(root / "gen", 1, model.state_dict(),
-                    {"kind": "generator", "run_id": "g", "model": dataclasses.asdict(gcfg), "class_names": names,
-                     "tokenizer": loading.tokenizer_reference(ref, root / "gen")}, {})
-    return str(root / "gen")
+def run(tiny_generator_run):
+    return tiny_generator_run
 
 
 def _cli(*args, cwd=None):
