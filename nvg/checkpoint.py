@@ -157,12 +157,12 @@ def _read_config(ckpt: Path) -> dict:
     return config
 
 
-def _check_file(path: Path) -> None:
-    """safetensors: header and data length agree (a truncated file fails here, before any tensor is used)."""
+def _read_file(path: Path) -> StateDict:
+    """A safetensors file, read whole (a truncated or corrupt file fails here, before any tensor is used)."""
     if not path.is_file():
         raise CorruptCheckpoint(f"{path.parent}: {path.name} is missing")
     try:
-        load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptCheckpoint(f"{path.parent}: {path.name} is unreadable ({e})") from None
 
@@ -170,8 +170,13 @@ def _check_file(path: Path) -> None:
 class Checkpoint:
     """One checkpoint directory: its config, weights and (on demand) training state."""
 
-    def __init__(self, path: Path, config: dict):
+    def __init__(self, path: Path, config: dict, files: dict[str, StateDict] | None = None):
         self.path, self.config = path, config
+        self._files = files or {}  # the weight files as read when the checkpoint was checked (read once)
+
+    def _file(self, name: str) -> StateDict:
+        sd = self._files.get(name)
+        return dict(sd) if sd is not None else load_file(str(self.path / name))
 
     @property
     def has_ema(self) -> bool:
@@ -180,17 +185,17 @@ class Checkpoint:
     def weights(self, ema: bool | None = None) -> StateDict:
         """Model weights; ema=True: the EMA copy over them (non-float buffers come from the model file);
         ema=None: EMA when the run kept it; ema=False: the raw weights."""
-        sd = load_file(str(self.path / "model.safetensors"))
+        sd = self._file("model.safetensors")
         if ema or (ema is None and self.has_ema):
             if not self.has_ema:
                 raise CheckpointError(f"{self.path}: this run kept no EMA weights (ema.safetensors)")
-            sd.update(load_file(str(self.path / "ema.safetensors")))
+            sd.update(self._file("ema.safetensors"))
         return sd
 
     def ema_weights(self) -> StateDict:
         if not self.has_ema:
             raise CheckpointError(f"{self.path}: this run kept no EMA weights (ema.safetensors)")
-        return load_file(str(self.path / "ema.safetensors"))
+        return self._file("ema.safetensors")
 
     def state(self, map_location="cpu") -> dict:
         """The training state, read with weights_only=True (no code in the file is ever run)."""
@@ -211,10 +216,10 @@ def _open_one(ckpt: Path, kind: str | None, need_state: bool) -> Checkpoint:
     config = _read_config(ckpt)
     if kind is not None and config.get("kind") != kind:
         raise CheckpointError(f"{ckpt} is a {config.get('kind')!r} checkpoint, not a {kind!r} one")
-    _check_file(ckpt / "model.safetensors")
+    files = {"model.safetensors": _read_file(ckpt / "model.safetensors")}
     if (ckpt / "ema.safetensors").exists():
-        _check_file(ckpt / "ema.safetensors")
-    c = Checkpoint(ckpt, config)
+        files["ema.safetensors"] = _read_file(ckpt / "ema.safetensors")
+    c = Checkpoint(ckpt, config, files)
     if need_state:
         c.loaded_state = c.state()
     return c
