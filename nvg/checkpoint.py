@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -157,26 +156,33 @@ def _read_config(ckpt: Path) -> dict:
     return config
 
 
-def _read_file(path: Path) -> StateDict:
-    """A safetensors file, read whole (a truncated or corrupt file fails here, before any tensor is used)."""
+def _check_file(path: Path) -> None:
+    """A safetensors file whose header parses and whose size matches the tensors the header lists: a truncated or
+    half-written file fails here, from its header alone (the tensors are read later, once)."""
     if not path.is_file():
         raise CorruptCheckpoint(f"{path.parent}: {path.name} is missing")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) != size:
+            raise ValueError(f"{size} bytes, the header lists {8 + n + max(ends, default=0)}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise CorruptCheckpoint(f"{path.parent}: {path.name} is unreadable ({e})") from None
 
 
 class Checkpoint:
     """One checkpoint directory: its config, weights and (on demand) training state."""
 
-    def __init__(self, path: Path, config: dict, files: dict[str, StateDict] | None = None):
+    def __init__(self, path: Path, config: dict):
         self.path, self.config = path, config
-        self._files = files or {}  # the weight files as read when the checkpoint was checked (read once)
 
     def _file(self, name: str) -> StateDict:
-        sd = self._files.get(name)
-        return dict(sd) if sd is not None else load_file(str(self.path / name))
+        return load_file(str(self.path / name))
 
     @property
     def has_ema(self) -> bool:
@@ -216,10 +222,10 @@ def _open_one(ckpt: Path, kind: str | None, need_state: bool) -> Checkpoint:
     config = _read_config(ckpt)
     if kind is not None and config.get("kind") != kind:
         raise CheckpointError(f"{ckpt} is a {config.get('kind')!r} checkpoint, not a {kind!r} one")
-    files = {"model.safetensors": _read_file(ckpt / "model.safetensors")}
+    _check_file(ckpt / "model.safetensors")
     if (ckpt / "ema.safetensors").exists():
-        files["ema.safetensors"] = _read_file(ckpt / "ema.safetensors")
-    c = Checkpoint(ckpt, config, files)
+        _check_file(ckpt / "ema.safetensors")
+    c = Checkpoint(ckpt, config)
     if need_state:
         c.loaded_state = c.state()
     return c

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 

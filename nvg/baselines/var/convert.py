@@ -12,7 +12,6 @@ import os
 import re
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from nvg import checkpoint
