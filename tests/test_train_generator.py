@@ -126,6 +126,18 @@ def test_bad_config(tokenizer_ckpt, tmp_path):
         main(_cfg(str(tmp_path / "nothing"), tmp_path))
     with pytest.raises(ValueError, match="ckpt-every"):
         main(_cfg(tokenizer_ckpt, tmp_path, ckpt_every=0))
+    with pytest.raises(ValueError, match="ema-decay"):
+        main(_cfg(tokenizer_ckpt, tmp_path, ema_decay=1.0))
+
+
+def test_ema_decay_zero_keeps_the_raw_weights(tokenizer_ckpt, tmp_path):
+    """The main job's default (--ema-decay 0): the checkpoint's averaged weights are exactly the trained ones, so
+    nvg.sample (EMA weights when kept) samples the raw weights."""
+    assert TrainConfig().ema_decay == 0.0
+    res = main(_cfg(tokenizer_ckpt, tmp_path / "run", ema_decay=0.0))
+    ck = open_checkpoint(res["checkpoint"])
+    raw, ema = ck.weights(ema=False), ck.ema_weights()
+    assert set(ema) <= set(raw) and all(torch.equal(ema[k], raw[k].float()) for k in ema)
 
 
 def _torchrun(cfg, port, *extra):
