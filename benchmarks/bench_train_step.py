@@ -6,11 +6,12 @@ What `python -m nvg.train` spends its minutes on: one optimizer step (forward, l
 generator (`nvg-tiny-fast` on the main job's tokenizer shapes: 8x8 latent, 16 channels, 256 codes) on token
 sequences extracted beforehand. Random weights and tokens (speed does not depend on them).
 
-Groups (the baseline runs first; extra_info has images_per_s and speedup_vs_eager = baseline median / row median,
-measured in the same run):
+Groups (the baseline runs first; extra_info has images_per_s, and speedup_vs_eager = baseline median / row median
+(same batch), measured in the same run; the options group uses conftest's record_baseline / report_ratio, which time the
+baseline themselves when it was deselected):
   train-step-b8     eager fp32 at batch 8 (the baseline: what the main job runs), bf16 autocast, and torch.compile of
                     the forward + loss (its compile time, not in the median, is extra_info compile_s)
-  train-batch       eager fp32 at batch 4, 8 (baseline) and 16: images/s against batch 8
+  train-batch       eager fp32 at batch 4, 8 (baseline) and 16: speedup_vs_batch8 = images/s against batch 8
 On a GPU the same rows run (bf16 is then the trainer's default); the main job is a CPU job.
 """
 
@@ -27,7 +28,7 @@ from nvg.tokenizer import Tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET, TOKENIZER = "nvg-tiny-fast", "tiny-ae-32px-8x8-v256"  # the main job's
-_BASE: dict = {}
+_BATCH8: dict = {}  # images/s of the batch-8 row of this run
 
 
 def sync():
@@ -73,26 +74,27 @@ def make_step(batch: int, mode: str = "eager"):
     return step, time.perf_counter() - t0
 
 
-def report(benchmark, batch: int, key: str, baseline: bool) -> None:
-    if benchmark.stats is None:  # --benchmark-disable: nothing timed
-        return
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["images_per_s"] = round(batch / median, 1)
-    if baseline:
-        _BASE[key] = median / batch  # seconds per image
-    elif key in _BASE:
-        benchmark.extra_info["speedup_vs_eager"] = round(_BASE[key] / (median / batch), 2)
+def images_per_s(benchmark, batch: int) -> float | None:
+    """images/s of the row into extra_info (None under --benchmark-disable: nothing timed)."""
+    if benchmark.stats is None:
+        return None
+    benchmark.extra_info["images_per_s"] = round(batch / benchmark.stats.stats.median, 1)
+    return batch / benchmark.stats.stats.median
 
 
 @pytest.mark.parametrize("mode", ["eager", "bf16", "compile"])
-def test_train_step_options(benchmark, mode):
+def test_train_step_options(benchmark, record_baseline, report_ratio, mode):
     benchmark.group = "train-step-b8"
     step, setup = make_step(8, mode)
     benchmark.extra_info.update(preset=PRESET, batch=8, mode=mode, device=str(DEVICE))
     if mode == "compile":
         benchmark.extra_info["compile_s"] = round(setup, 1)
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)
-    report(benchmark, 8, "options", mode == "eager")
+    images_per_s(benchmark, 8)
+    if mode == "eager":
+        record_baseline("train-step-b8", benchmark)
+    else:
+        report_ratio("train-step-b8", "eager", benchmark, make_step(8)[0])
 
 
 @pytest.mark.parametrize("batch", [8, 4, 16])  # the baseline first
@@ -101,4 +103,8 @@ def test_train_batch(benchmark, batch):
     step, _ = make_step(batch)
     benchmark.extra_info.update(preset=PRESET, batch=batch, device=str(DEVICE))
     benchmark.pedantic(step, rounds=max(5, 160 // batch), warmup_rounds=2)
-    report(benchmark, batch, "batch", batch == 8)
+    rate = images_per_s(benchmark, batch)
+    if rate is not None and batch == 8:
+        _BATCH8["images_per_s"] = rate
+    elif rate is not None and _BATCH8:  # per image, so not conftest's per-call report_ratio
+        benchmark.extra_info["speedup_vs_batch8"] = round(rate / _BATCH8["images_per_s"], 2)
