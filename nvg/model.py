@@ -47,9 +47,24 @@ class GeneratorConfig:
     # "prefix": the fast variant of nvg/prefix.py (class + canvas tokens blind to the structure tokens and to time,
     # cached once per stage when sampling). Not interchangeable: weights of one do not work in the other.
     structure_attention: str = "full"
+    # the sampler's default CFG schedules (start, end) for this model, recorded by its training run (nvg.sample's
+    # --content-cfg / --structure-cfg when not given); None: the official (1, 3.5) / (1, 2.5)
+    sample_content_cfg: tuple[float, float] | None = None
+    sample_structure_cfg: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.latent_hw = tuple(self.latent_hw)
+        for name in ("sample_content_cfg", "sample_structure_cfg"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            try:
+                pair = tuple(float(x) for x in v)
+            except (TypeError, ValueError):
+                pair = ()
+            if len(pair) != 2 or not all(math.isfinite(x) for x in pair):
+                raise ValueError(f"{name} must be None or two finite numbers (start, end), got {v!r}")
+            setattr(self, name, pair)
         if self.width == 0:
             self.width = 64 * self.depth
         if self.structure_attention not in STRUCTURE_ATTENTION:

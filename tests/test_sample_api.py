@@ -2,6 +2,8 @@
 (generator, tokenizer) with `generate` / `sample`, one top-p convention (1.0 = off), tokenizers with
 `encode` / `decode` and `config.vocab_size`. Tiny random models."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -112,3 +114,38 @@ def test_presets_from_name_with_overrides():
         with pytest.raises(ValueError, match=f"unknown {name} preset"):
             cls.from_name("nope")
     assert not hasattr(VAR, "from_name") and not hasattr(VQVAE, "from_name")
+
+
+def test_cfg_schedules_default_to_the_models_recorded_ones():
+    """Unset CFG schedules come from the model (recorded by its training run), else the official ones; set ones stay.
+    Sampling with the defaults equals sampling with the recorded schedule written out, and differs from official."""
+    official = GeneratorConfig.from_name("nvg-test")
+    assert (SampleConfig().resolved(official).content_cfg, SampleConfig().resolved(official).structure_cfg) == \
+        (nvg_sample.OFFICIAL_CONTENT_CFG, nvg_sample.OFFICIAL_STRUCTURE_CFG) == ((1.0, 3.5), (1.0, 2.5))
+    own = GeneratorConfig.from_name("nvg-test", sample_content_cfg=[1, 7], sample_structure_cfg=(1, 6))
+    assert (own.sample_content_cfg, own.sample_structure_cfg) == ((1.0, 7.0), (1.0, 6.0))
+    r = SampleConfig().resolved(own)
+    assert (r.content_cfg, r.structure_cfg) == ((1.0, 7.0), (1.0, 6.0))
+    r = SampleConfig(content_cfg=(2, 3)).resolved(own)
+    assert (r.content_cfg, r.structure_cfg) == ((2.0, 3.0), (1.0, 6.0))
+    # a checkpoint config written before the fields existed (no keys) rebuilds with the official schedules
+    old = {k: v for k, v in dataclasses.asdict(own).items() if not k.startswith("sample_")}
+    assert GeneratorConfig(**old).sample_content_cfg is None
+    sampler, _ = nvg_pair()
+    sampler.model.config = own
+    y = torch.arange(4) % own.num_classes
+    base = SampleConfig(structure_steps=2)
+    recorded = sampler.generate(y, base, seed=0)
+    written = sampler.generate(y, dataclasses.replace(base, content_cfg=(1.0, 7.0), structure_cfg=(1.0, 6.0)), seed=0)
+    plain = sampler.generate(y, dataclasses.replace(base, content_cfg=(1.0, 3.5), structure_cfg=(1.0, 2.5)), seed=0)
+    assert torch.equal(recorded.f_hat, written.f_hat)
+    assert not torch.equal(recorded.f_hat, plain.f_hat)
+    sampler.model.config = official
+
+
+@pytest.mark.parametrize("bad", [(1.0,), (1.0, 2.0, 3.0), "ab", (1.0, float("nan")), (1.0, float("inf"))])
+def test_cfg_schedules_refuse_what_is_not_two_finite_numbers(bad):
+    with pytest.raises(ValueError, match="content_cfg must be two finite numbers"):
+        SampleConfig(content_cfg=bad)
+    with pytest.raises(ValueError, match="sample_structure_cfg must be None or two finite numbers"):
+        GeneratorConfig.from_name("nvg-test", sample_structure_cfg=bad)

@@ -79,6 +79,8 @@ def test_train_writes_checkpoint_and_samples(tokenizer_ckpt, tmp_path):
     saved = open_checkpoint(res["checkpoint"]).config
     assert saved["kind"] == "generator" and saved["model"]["latent_hw"] == [4, 4]
     assert saved["tokenizer"]["hash"] == saved["options"]["tokenizer_hash"]
+    # the run's CFG schedules become nvg.sample's defaults for this checkpoint (TrainConfig's: the main job's)
+    assert (saved["model"]["sample_content_cfg"], saved["model"]["sample_structure_cfg"]) == ([1.0, 7.0], [1.0, 6.0])
     assert (tmp_path / "run" / "log.jsonl").exists() and (tmp_path / "run" / "loss.png").exists()
     from nvg.sample.__main__ import main as sample_main
 
@@ -128,6 +130,8 @@ def test_bad_config(tokenizer_ckpt, tmp_path):
         main(_cfg(tokenizer_ckpt, tmp_path, ckpt_every=0))
     with pytest.raises(ValueError, match="ema-decay"):
         main(_cfg(tokenizer_ckpt, tmp_path, ema_decay=1.0))
+    with pytest.raises(ValueError, match="sample_content_cfg must be None or two finite numbers"):
+        main(_cfg(tokenizer_ckpt, tmp_path, sample_content_cfg=(1.0,)))
 
 
 def test_ema_decay_zero_keeps_the_raw_weights(tokenizer_ckpt, tmp_path):
@@ -147,7 +151,7 @@ def _torchrun(cfg, port, *extra):
             if v:
                 args.append("--" + k.replace("_", "-"))
             continue
-        args += ["--" + k.replace("_", "-"), str(v)]
+        args += ["--" + k.replace("_", "-"), *map(str, v if isinstance(v, tuple | list) else (v,))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "nvg.train", "generator", *args, "--device", "cpu", *extra]

@@ -4,9 +4,9 @@
         --json runs/q/faithful_steps.json
 
 For every (steps, solver): n samples, classes in turn, drawn with `python -m nvg.sample`'s defaults except those two
-settings (EMA weights, official CFG and top-p schedules, batch 100, seed = batch index), scored by the same function as
-`python -m nvg.eval --samples FILE --n N` (FD-proxy, precision, recall, class accuracy, each with its floor), and
-timed (images/s, decode included). Prints one markdown table row per setting; --json keeps every row.
+settings (EMA weights, the model's CFG schedules, the official top-p schedule, batch 100, seed = batch index), scored
+by the same function as `python -m nvg.eval --samples FILE --n N` (FD-proxy, precision, recall, class accuracy, each
+with its floor), and timed (images/s, decode included). Prints one markdown table row per setting; --json keeps every row.
 """
 
 from __future__ import annotations
@@ -46,8 +46,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 25])
     ap.add_argument("--solvers", nargs="+", default=["euler"])
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--content-cfg", type=float, nargs=2, default=None, metavar=("START", "END"),
+                    help="content CFG schedule (default: the model's, as nvg.sample)")
+    ap.add_argument("--structure-cfg", type=float, nargs=2, default=None, metavar=("START", "END"),
+                    help="structure CFG schedule (default: the model's, as nvg.sample)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    guidance = dict(content_cfg=a.content_cfg and tuple(a.content_cfg),
+                    structure_cfg=a.structure_cfg and tuple(a.structure_cfg))
     results = []
     print("| run | preset variant | solver | steps | FD-proxy ↓ (floor) | precision (floor) | recall (floor) | "
           "class acc. (floor) | images/s |")
@@ -58,7 +64,7 @@ def main() -> None:
         variant = model.config.structure_attention
         for solver in a.solvers:
             for steps in a.steps:
-                sc = SampleConfig(structure_steps=steps, structure_solver=solver)
+                sc = SampleConfig(structure_steps=steps, structure_solver=solver, **guidance)
                 t0 = time.perf_counter()
                 images, labels = draw(sampler, a.n, sc)
                 speed = a.n / (time.perf_counter() - t0)

@@ -73,7 +73,7 @@ def _sampler_config(raw: object) -> SampleConfig:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ValueError("sampler settings must be an object")
-    defaults = dataclasses.asdict(SampleConfig(structure_steps=25, structure_solver="euler"))  # the value types
+    defaults = dataclasses.asdict(SampleConfig().resolved(None))  # the value types (every setting set)
     unknown = set(raw) - set(defaults)
     if unknown:
         raise ValueError(f"unknown sampler setting(s): {', '.join(sorted(unknown))}")

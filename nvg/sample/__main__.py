@@ -37,8 +37,10 @@ PROG = "python -m nvg.sample"
 OUT_SUFFIXES = (".png", ".npz")
 
 SAMPLER_HELP = {
-    "content_cfg": "CFG scale on the logits, linear from START to END over the stages",
-    "structure_cfg": "CFG scale on the structure velocity, linear from START to END over the stages",
+    "content_cfg": "CFG scale on the logits, linear from START to END over the stages (default: the schedule the "
+                   "checkpoint records, else the official 1 3.5)",
+    "structure_cfg": "CFG scale on the structure velocity, linear from START to END over the stages (default: the "
+                     "checkpoint's, else the official 1 2.5)",
     "top_p": "nucleus mass in (0, 1], falling log-wise from START to END over the stages; 1 = off",
     "top_k": "0 = off, 1 = argmax",
     "temperature": "sampling temperature (> 0)",

@@ -35,12 +35,17 @@ STRUCTURE_SOLVERS = ("euler", "heun")
 # structure-flow defaults (steps, solver) per structure transformer: the official 25 Euler steps for the official
 # model; for the prefix-cacheable fast variant, the setting chosen from the quality-vs-steps table (README)
 DEFAULT_STRUCTURE_SAMPLING = {"full": (25, "euler"), "prefix": (2, "euler")}
+# CFG schedules (start, end) of the official evaluation, for models that record none of their own
+OFFICIAL_CONTENT_CFG, OFFICIAL_STRUCTURE_CFG = (1.0, 3.5), (1.0, 2.5)
 
 
 @dataclass
 class SampleConfig:
-    content_cfg: tuple[float, float] = (1.0, 3.5)  # CFG scale on the logits, linear over the stages (official eval)
-    structure_cfg: tuple[float, float] = (1.0, 2.5)  # CFG scale on the structure velocity, linear over the stages
+    # CFG scales (start, end), linear over the stages, on the logits and on the structure velocity. None: the model's
+    # own (GeneratorConfig.sample_content_cfg / sample_structure_cfg, recorded by its training run), else the official
+    # (1, 3.5) and (1, 2.5)
+    content_cfg: tuple[float, float] | None = None
+    structure_cfg: tuple[float, float] | None = None
     top_p: tuple[float, float] = (1.0, 0.5)  # nucleus mass in (0, 1], falling log-wise over the stages; 1.0 = off
     top_k: int = 0  # 0 = off; 1 = argmax (deterministic, ignores temperature and top-p)
     temperature: float = 1.0
@@ -50,6 +55,10 @@ class SampleConfig:
     always_cfg: bool = False  # also run the unconditional pass at scale 1 (official); off = skip it (same result)
 
     def __post_init__(self):
+        for name in ("content_cfg", "structure_cfg"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, check_cfg_schedule(v, name))
         if self.structure_steps is not None and self.structure_steps < 1:
             raise ValueError(f"structure_steps must be >= 1, got {self.structure_steps}")
         if self.structure_solver is not None and self.structure_solver not in STRUCTURE_SOLVERS:
@@ -61,11 +70,25 @@ class SampleConfig:
                              f"{self.top_p}")
 
     def resolved(self, model_config) -> SampleConfig:
-        """These settings with the structure flow's unset steps / solver filled in for the model: the official 25
-        Euler steps for the official structure transformer, DEFAULT_STRUCTURE_SAMPLING["prefix"] for the fast one."""
+        """These settings with the unset ones filled in for the model: the structure flow's steps / solver (the
+        official 25 Euler steps for the official structure transformer, DEFAULT_STRUCTURE_SAMPLING["prefix"] for the
+        fast one) and the CFG schedules (the model's recorded ones, else the official)."""
         steps, solver = DEFAULT_STRUCTURE_SAMPLING[getattr(model_config, "structure_attention", "full")]
+        content = self.content_cfg or getattr(model_config, "sample_content_cfg", None) or OFFICIAL_CONTENT_CFG
+        structure = self.structure_cfg or getattr(model_config, "sample_structure_cfg", None) or OFFICIAL_STRUCTURE_CFG
         return replace(self, structure_steps=self.structure_steps or steps, structure_solver=self.structure_solver
-                       or solver)
+                       or solver, content_cfg=tuple(content), structure_cfg=tuple(structure))
+
+
+def check_cfg_schedule(value, name: str) -> tuple[float, float]:
+    """(start, end) CFG scales as floats; anything else (not two finite numbers) is refused by name."""
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 2 or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be two finite numbers (start, end), got {value!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -248,7 +271,7 @@ class Sampler:
 
         Args:
             classes_B: long (B,) class ids in [0, num_classes) (num_classes = unconditional).
-            config: sampling settings (official schedules by default).
+            config: sampling settings (unset ones: the model's defaults, see SampleConfig.resolved).
             seed / generator: randomness (structure noise, token sampling, Gumbel splits); same seed, same output.
             eps_BNK: the structure noise (B, N, K) drawn once per image (default N(0, 1) from the generator).
             structure: long (B, S', N) nested label maps for stages 0..S'-1 to use instead of sampling them.

@@ -33,7 +33,8 @@ from ..tokenizer import Tokenizer
 @dataclass
 class TrainConfig(LoopConfig):
     """Defaults are the main job's tiny CPU run (`python -m nvg.train`); the official ImageNet recipe is
-    `--preset nvg-d16 --lr 0` (= 1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes 0`."""
+    `--preset nvg-d16 --lr 0` (= 1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes 0
+    --sample-content-cfg 1 3.5 --sample-structure-cfg 1 2.5`."""
 
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
     preset: str = "nvg-tiny-fast"  # generator preset (the main job's: the fast variant, README "Fast NVG"); latent size,
@@ -69,6 +70,11 @@ class TrainConfig(LoopConfig):
     image_every: int = 1000  # sample grids every this many steps
     samples_per_class: int = 8
     sample_steps: int | None = None  # structure steps of the sample grids (None: nvg.sample's default for the model)
+    # the CFG schedules (start, end) the checkpoint records as nvg.sample's defaults for this model (and its grids
+    # use). Main job: (1, 7) and (1, 6) beat the official (1, 3.5) and (1, 2.5) in FD-proxy and class accuracy on
+    # both variants at its budget (README "Fast NVG", quality against guidance)
+    sample_content_cfg: tuple[float, float] = (1.0, 7.0)
+    sample_structure_cfg: tuple[float, float] = (1.0, 6.0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,7 +87,10 @@ class TrainConfig(LoopConfig):
                              f"and {self.sample_steps}")
         if self.lr is not None and self.lr < 0:
             raise ValueError(f"--lr must be >= 0 (0: the official 1e-4 x batch / 256), got {self.lr}")
-        GeneratorConfig.from_name(self.preset)  # an unknown preset is refused before any work
+        GeneratorConfig.from_name(self.preset, sample_content_cfg=self.sample_content_cfg,  # refused before any work:
+                                  sample_structure_cfg=self.sample_structure_cfg)  # an unknown preset, a bad CFG
+        self.sample_content_cfg = tuple(self.sample_content_cfg)
+        self.sample_structure_cfg = tuple(self.sample_structure_cfg)
 
 
 @torch.no_grad()
@@ -123,7 +132,7 @@ def estimate_scale_factors(tok: Tokenizer, cache: dict, device, n: int = 512) ->
 def write_samples(model: NVGGenerator, tok: Tokenizer, num_classes: int, per_class: int, steps: int | None,
                   out: Path, tag: str, seed: int = 0) -> Path:
     """One row per class (`samples_<tag>.png`) and a per-stage strip of the first sample of each class, drawn with
-    `python -m nvg.sample`'s defaults (official schedules; `steps` structure steps, None: the model's default)."""
+    `python -m nvg.sample`'s defaults (the model's CFG schedules; `steps` structure steps, None: the model's default)."""
     model.eval()
     sampler = Sampler(model, tok)
     y = torch.arange(num_classes, device=tok.quantize.embedding.weight.device).repeat_interleave(per_class)
@@ -171,7 +180,8 @@ class GeneratorTrainer:
     def _model_config(self) -> GeneratorConfig:
         cfg, tcfg = self.cfg, self.tok.config
         overrides = dict(latent_hw=(tcfg.latent_size,) * 2, latent_dim=tcfg.latent_channels,
-                         vocab_size=tcfg.codebook_size, num_classes=self.num_classes)
+                         vocab_size=tcfg.codebook_size, num_classes=self.num_classes,
+                         sample_content_cfg=cfg.sample_content_cfg, sample_structure_cfg=cfg.sample_structure_cfg)
         overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim") if getattr(cfg, k) is not None})
         if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
             overrides["width"] = 64 * cfg.depth
