@@ -27,6 +27,17 @@ from .structure import rope_ids_content, rope_ids_structure, structure_embedding
 OFFICIAL_SCALE_FACTORS = (1.0, 4.1993, 3.4706, 3.0520, 2.7430, 2.4842, 2.2407, 2.0088, 1.7954, 1.6080)
 
 
+def cfg_schedule(value, name: str) -> tuple[float, float]:
+    """(start, end) CFG scales as floats; anything else (not two finite numbers) is refused by name."""
+    try:
+        pair = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not all(math.isfinite(v) for v in pair):
+        raise ValueError(f"{name} must be two finite numbers (start, end), got {value!r}")
+    return pair
+
+
 @dataclass
 class GeneratorConfig:
     depth: int = 16
@@ -55,16 +66,8 @@ class GeneratorConfig:
     def __post_init__(self):
         self.latent_hw = tuple(self.latent_hw)
         for name in ("sample_content_cfg", "sample_structure_cfg"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            try:
-                pair = tuple(float(x) for x in v)
-            except (TypeError, ValueError):
-                pair = ()
-            if len(pair) != 2 or not all(math.isfinite(x) for x in pair):
-                raise ValueError(f"{name} must be None or two finite numbers (start, end), got {v!r}")
-            setattr(self, name, pair)
+            if getattr(self, name) is not None:
+                setattr(self, name, cfg_schedule(getattr(self, name), name))
         if self.width == 0:
             self.width = 64 * self.depth
         if self.structure_attention not in STRUCTURE_ATTENTION:

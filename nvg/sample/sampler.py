@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import NVGGenerator
+from ..model import NVGGenerator, cfg_schedule
 from .fast import PrefixVelocity
 from ..quantizer import VGS
 from ..structure import check_nested, split_clusters, structure_embedding
@@ -58,7 +58,7 @@ class SampleConfig:
         for name in ("content_cfg", "structure_cfg"):
             v = getattr(self, name)
             if v is not None:
-                setattr(self, name, check_cfg_schedule(v, name))
+                setattr(self, name, cfg_schedule(v, name))
         if self.structure_steps is not None and self.structure_steps < 1:
             raise ValueError(f"structure_steps must be >= 1, got {self.structure_steps}")
         if self.structure_solver is not None and self.structure_solver not in STRUCTURE_SOLVERS:
@@ -79,16 +79,6 @@ class SampleConfig:
         return replace(self, structure_steps=self.structure_steps or steps, structure_solver=self.structure_solver
                        or solver, content_cfg=tuple(content), structure_cfg=tuple(structure))
 
-
-def check_cfg_schedule(value, name: str) -> tuple[float, float]:
-    """(start, end) CFG scales as floats; anything else (not two finite numbers) is refused by name."""
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        out = ()
-    if len(out) != 2 or not all(math.isfinite(v) for v in out):
-        raise ValueError(f"{name} must be two finite numbers (start, end), got {value!r}")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
