@@ -80,7 +80,6 @@ class SampleConfig:
                        or solver, content_cfg=tuple(content), structure_cfg=tuple(structure))
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Schedules
 
