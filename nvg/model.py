@@ -62,12 +62,17 @@ class GeneratorConfig:
     # --content-cfg / --structure-cfg when not given); None: the official (1, 3.5) / (1, 2.5)
     sample_content_cfg: tuple[float, float] | None = None
     sample_structure_cfg: tuple[float, float] | None = None
+    # and its default structure-flow steps (None: the variant's, 25 official Euler steps or the fast variant's 2)
+    sample_structure_steps: int | None = None
 
     def __post_init__(self):
         self.latent_hw = tuple(self.latent_hw)
         for name in ("sample_content_cfg", "sample_structure_cfg"):
             if getattr(self, name) is not None:
                 setattr(self, name, cfg_schedule(getattr(self, name), name))
+        steps = self.sample_structure_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"sample_structure_steps must be None or an integer >= 1, got {steps!r}")
         if self.width == 0:
             self.width = 64 * self.depth
         if self.structure_attention not in STRUCTURE_ATTENTION:

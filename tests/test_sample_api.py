@@ -128,6 +128,13 @@ def test_cfg_schedules_default_to_the_models_recorded_ones():
     assert (r.content_cfg, r.structure_cfg) == ((1.0, 7.0), (1.0, 6.0))
     r = SampleConfig(content_cfg=(2, 3)).resolved(own)
     assert (r.content_cfg, r.structure_cfg) == ((2.0, 3.0), (1.0, 6.0))
+    # recorded structure steps likewise (None: the variant's default)
+    assert SampleConfig().resolved(official).structure_steps == 25
+    assert SampleConfig().resolved(dataclasses.replace(own, sample_structure_steps=2)).structure_steps == 2
+    assert SampleConfig(structure_steps=3).resolved(dataclasses.replace(own, sample_structure_steps=2)) \
+        .structure_steps == 3
+    with pytest.raises(ValueError, match="sample_structure_steps must be None or an integer >= 1"):
+        GeneratorConfig.from_name("nvg-test", sample_structure_steps=0)
     # a checkpoint config written before the fields existed (no keys) rebuilds with the official schedules
     old = {k: v for k, v in dataclasses.asdict(own).items() if not k.startswith("sample_")}
     assert GeneratorConfig(**old).sample_content_cfg is None

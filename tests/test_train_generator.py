@@ -81,6 +81,7 @@ def test_train_writes_checkpoint_and_samples(tokenizer_ckpt, tmp_path):
     assert saved["tokenizer"]["hash"] == saved["options"]["tokenizer_hash"]
     # the run's CFG schedules become nvg.sample's defaults for this checkpoint (TrainConfig's: the main job's)
     assert (saved["model"]["sample_content_cfg"], saved["model"]["sample_structure_cfg"]) == ([1.0, 7.0], [1.0, 6.0])
+    assert saved["model"]["sample_structure_steps"] == 2  # --sample-steps (the tests' and the main job's)
     assert (tmp_path / "run" / "log.jsonl").exists() and (tmp_path / "run" / "loss.png").exists()
     from nvg.sample.__main__ import main as sample_main
 

@@ -70,10 +70,12 @@ class SampleConfig:
                              f"{self.top_p}")
 
     def resolved(self, model_config) -> SampleConfig:
-        """These settings with the unset ones filled in for the model: the structure flow's steps / solver (the
-        official 25 Euler steps for the official structure transformer, DEFAULT_STRUCTURE_SAMPLING["prefix"] for the
-        fast one) and the CFG schedules (the model's recorded ones, else the official)."""
+        """These settings with the unset ones filled in for the model: the structure flow's steps (the model's
+        recorded ones, else the official 25 for the official structure transformer and DEFAULT_STRUCTURE_SAMPLING
+        ["prefix"] for the fast one), its solver (Euler) and the CFG schedules (the model's recorded ones, else the
+        official)."""
         steps, solver = DEFAULT_STRUCTURE_SAMPLING[getattr(model_config, "structure_attention", "full")]
+        steps = getattr(model_config, "sample_structure_steps", None) or steps
         content = self.content_cfg or getattr(model_config, "sample_content_cfg", None) or OFFICIAL_CONTENT_CFG
         structure = self.structure_cfg or getattr(model_config, "sample_structure_cfg", None) or OFFICIAL_STRUCTURE_CFG
         return replace(self, structure_steps=self.structure_steps or steps, structure_solver=self.structure_solver

@@ -34,10 +34,11 @@ from ..tokenizer import Tokenizer
 class TrainConfig(LoopConfig):
     """Defaults are the main job's tiny CPU run (`python -m nvg.train`); the official ImageNet recipe is
     `--preset nvg-d16 --lr 0` (= 1e-4 x batch / 256) `--ema-decay 0.9999 --warmup-steps 1000 --max-minutes 0
-    --sample-content-cfg 1 3.5 --sample-structure-cfg 1 2.5`."""
+    --sample-steps 25 --sample-content-cfg 1 3.5 --sample-structure-cfg 1 2.5`."""
 
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
-    preset: str = "nvg-tiny-fast"  # generator preset (the main job's: the fast variant, README "Fast NVG"); latent size,
+    preset: str = "nvg-tiny"  # generator preset (the main job's: the official structure transformer, which beat the
+    # fast variant at its budget, README "Fast NVG"; `--preset nvg-tiny-fast` for the fast one); latent size,
     # channels, vocabulary and classes come from the data
     depth: int | None = None  # override the preset's depth / width / head_dim
     width: int | None = None
@@ -69,7 +70,9 @@ class TrainConfig(LoopConfig):
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 under torchrun (d20 / d24)
     image_every: int = 1000  # sample grids every this many steps
     samples_per_class: int = 8
-    sample_steps: int | None = None  # structure steps of the sample grids (None: nvg.sample's default for the model)
+    sample_steps: int | None = 2  # structure-flow steps the checkpoint records as nvg.sample's default for this model
+    # (and its grids use); None: the variant's (official 25, fast 2). Main job: 2 Euler steps sample the official
+    # model better than 25 at its budget (README "Fast NVG", quality against structure steps)
     # the CFG schedules (start, end) the checkpoint records as nvg.sample's defaults for this model (and its grids
     # use). Main job: (1, 7) and (1, 6) beat the official (1, 3.5) and (1, 2.5) in FD-proxy and class accuracy on
     # both variants at its budget (README "Fast NVG", quality against guidance)
@@ -181,7 +184,8 @@ class GeneratorTrainer:
         cfg, tcfg = self.cfg, self.tok.config
         overrides = dict(latent_hw=(tcfg.latent_size,) * 2, latent_dim=tcfg.latent_channels,
                          vocab_size=tcfg.codebook_size, num_classes=self.num_classes,
-                         sample_content_cfg=cfg.sample_content_cfg, sample_structure_cfg=cfg.sample_structure_cfg)
+                         sample_content_cfg=cfg.sample_content_cfg, sample_structure_cfg=cfg.sample_structure_cfg,
+                         sample_structure_steps=cfg.sample_steps)
         overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim") if getattr(cfg, k) is not None})
         if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
             overrides["width"] = 64 * cfg.depth
