@@ -6,7 +6,8 @@
 For every (steps, solver): n samples, classes in turn, drawn with `python -m nvg.sample`'s defaults except those two
 settings (EMA weights, the model's CFG schedules, the official top-p schedule, batch 100, seed = batch index), scored
 by the same function as `python -m nvg.eval --samples FILE --n N` (FD-proxy, precision, recall, class accuracy, each
-with its floor), and timed (images/s, decode included). Prints one markdown table row per setting; --json keeps every row.
+with its floor), and timed (images/s, decode included). Prints one markdown table row per setting; --json keeps every
+row.
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def estimate_scale_factors(tok: Tokenizer, cache: dict, device, n: int = 512) ->
 def write_samples(model: NVGGenerator, tok: Tokenizer, num_classes: int, per_class: int, steps: int | None,
                   out: Path, tag: str, seed: int = 0) -> Path:
     """One row per class (`samples_<tag>.png`) and a per-stage strip of the first sample of each class, drawn with
-    `python -m nvg.sample`'s defaults (the model's CFG schedules; `steps` structure steps, None: the model's default)."""
+    `python -m nvg.sample`'s defaults (the model's CFG schedules; `steps` structure steps, None: the model's
+    default)."""
     model.eval()
     sampler = Sampler(model, tok)
     y = torch.arange(num_classes, device=tok.quantize.embedding.weight.device).repeat_interleave(per_class)
