@@ -11,8 +11,9 @@ Groups (one table each; VAR, the baseline, runs first; NVG's extra_info has spee
 median, measured in the same run):
   sample-b1-<size>     latency of one image, class-conditional, CFG on, tokens -> image (VAE decode included);
                        rows var, nvg (faithful: official structure transformer, 25 Euler steps) and nvg_fast (the
-                       -fast preset, cached prefix, its default: 2 Euler steps); nvg_fast's extra_info also has
-                       speedup_vs_nvg = NVG faithful median / NVG fast median (same run)
+                       -fast preset, cached prefix, its default: 2 Euler steps) and nvg_2step (the official model
+                       with 2 Euler steps, as the main job's checkpoint samples by default); their extra_info also has
+                       speedup_vs_nvg = NVG faithful median / their median (same run)
   sample-b16/b64-...   throughput (images_per_s in extra_info); on a GPU also `var_graphs`: VAR with one CUDA graph
                        per scale (`VARSampler(graphs=True)`, nvg.baselines.var.graphs)
   decode-b16-<size>    the VAE decoder alone (latent -> image), reported separately
@@ -54,9 +55,11 @@ RELEASED_VAR_D16 = {1: 0.200, 64: 64 / 141}  # seconds per call of the released 
 MODELS = ["var", "nvg"]  # the baseline first
 # sampling also runs VAR with one CUDA graph per scale on a GPU (the baseline stays the eager static-cache VAR) and
 # NVG's fast variant (the <preset>-fast generator: prefix-cacheable structure transformer, few structure steps)
-SAMPLE_MODELS = (["var", "var_graphs"] if HAS_CUDA else ["var"]) + ["nvg", "nvg_fast"]
-# Both NVG rows sample with nvg.sample's defaults for their model: the official 25 Euler steps for faithful, the fast
-# variant's default (nvg.sample.sampler.DEFAULT_STRUCTURE_SAMPLING, chosen from the README's quality table) for fast
+SAMPLE_MODELS = (["var", "var_graphs"] if HAS_CUDA else ["var"]) + ["nvg", "nvg_fast", "nvg_2step"]
+# nvg and nvg_fast sample with nvg.sample's defaults for their preset: the official 25 Euler steps for faithful, the
+# fast variant's default (nvg.sample.sampler.DEFAULT_STRUCTURE_SAMPLING, chosen from the README's quality table) for
+# fast; nvg_2step is the official model (the same weights as nvg) with 2 Euler steps, what the main job records
+NVG_2STEP = SampleConfig(structure_steps=2, structure_solver="euler")
 
 
 def sync():
@@ -77,7 +80,7 @@ _CACHE: dict = {}
 
 def build(size: str, model: str):
     """(generator, tokenizer) of `model` at `size`, random weights, eval mode, built once per run."""
-    model = "var" if model.startswith("var") else model
+    model = "var" if model.startswith("var") else "nvg" if model == "nvg_2step" else model
     nvg_fast = model == "nvg_fast"
     key = (size, model)
     if key not in _CACHE:
@@ -106,7 +109,8 @@ def sampler_fn(size: str, model: str, batch: int):
         config = VARSampleConfig()
     else:
         sampler = Sampler(gen, tok, fast=HAS_CUDA)
-        config = SampleConfig()  # resolved per model: 25 Euler steps (faithful), the fast default (fast)
+        # resolved per model: 25 Euler steps (faithful), the fast default (fast)
+        config = NVG_2STEP if model == "nvg_2step" else SampleConfig()
 
     def run():
         with torch.no_grad(), amp():
@@ -157,9 +161,9 @@ def test_sample(benchmark, record_baseline, report_ratio, size, batch, model):
         report_ratio(key, "var", benchmark, sampler_fn(size, "var", batch))
     if model == "nvg":
         record_baseline(key + ("nvg",), benchmark)
-    if model == "nvg_fast":
+    if model in ("nvg_fast", "nvg_2step"):
         report_ratio(key + ("nvg",), "nvg", benchmark, sampler_fn(size, "nvg", batch))
-        sc = SampleConfig().resolved(build(size, model)[0].config)
+        sc = (NVG_2STEP if model == "nvg_2step" else SampleConfig()).resolved(build(size, model)[0].config)
         benchmark.extra_info["sample_config"] = dict(structure_steps=sc.structure_steps,
                                                      structure_solver=sc.structure_solver)
 
