@@ -59,7 +59,11 @@ SAMPLE_MODELS = (["var", "var_graphs"] if HAS_CUDA else ["var"]) + ["nvg", "nvg_
 # nvg and nvg_fast sample with nvg.sample's defaults for their preset: the official 25 Euler steps for faithful, the
 # fast variant's default (nvg.sample.sampler.DEFAULT_STRUCTURE_SAMPLING, chosen from the README's quality table) for
 # fast; nvg_2step is the official model (the same weights as nvg) with 2 Euler steps, what the main job records
-NVG_2STEP = SampleConfig(structure_steps=2, structure_solver="euler")
+
+
+def nvg_config(model: str) -> SampleConfig:
+    """The NVG row's settings: nvg.sample's defaults for its preset, or 2 Euler steps for nvg_2step."""
+    return SampleConfig(structure_steps=2, structure_solver="euler") if model == "nvg_2step" else SampleConfig()
 
 
 def sync():
@@ -109,8 +113,7 @@ def sampler_fn(size: str, model: str, batch: int):
         config = VARSampleConfig()
     else:
         sampler = Sampler(gen, tok, fast=HAS_CUDA)
-        # resolved per model: 25 Euler steps (faithful), the fast default (fast)
-        config = NVG_2STEP if model == "nvg_2step" else SampleConfig()
+        config = nvg_config(model)
 
     def run():
         with torch.no_grad(), amp():
@@ -163,7 +166,7 @@ def test_sample(benchmark, record_baseline, report_ratio, size, batch, model):
         record_baseline(key + ("nvg",), benchmark)
     if model in ("nvg_fast", "nvg_2step"):
         report_ratio(key + ("nvg",), "nvg", benchmark, sampler_fn(size, "nvg", batch))
-        sc = (NVG_2STEP if model == "nvg_2step" else SampleConfig()).resolved(build(size, model)[0].config)
+        sc = nvg_config(model).resolved(build(size, model)[0].config)
         benchmark.extra_info["sample_config"] = dict(structure_steps=sc.structure_steps,
                                                      structure_solver=sc.structure_solver)
 

@@ -3,7 +3,7 @@
     pytest benchmarks/bench_train_step.py --benchmark-only
 
 What `python -m nvg.train` spends its minutes on: one optimizer step (forward, loss, backward, AdamW) of the main job's
-generator (`nvg-tiny-fast` on the main job's tokenizer shapes: 8x8 latent, 16 channels, 256 codes) on token
+generator (`nvg-tiny` on the main job's tokenizer shapes: 8x8 latent, 16 channels, 256 codes) on token
 sequences extracted beforehand. Random weights and tokens (speed does not depend on them).
 
 Groups (the baseline runs first; extra_info has images_per_s, and speedup_vs_eager = baseline median / row median
@@ -27,7 +27,7 @@ from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
 from nvg.tokenizer import Tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PRESET, TOKENIZER = "nvg-tiny-fast", "tiny-ae-32px-8x8-v256"  # the main job's
+PRESET, TOKENIZER = "nvg-tiny", "tiny-ae-32px-8x8-v256"  # the main job's
 _BATCH8: dict = {}  # images/s of the batch-8 row of this run
 
 

@@ -3,7 +3,7 @@
     python tools/train_step_interleaved.py [--blocks 8] [--steps 40] [--batch 8]
 
 `pytest benchmarks/bench_train_step.py` times its rows one after another, so a VM whose speed drifts between rows puts
-the drift into the ratio. Here both steps (benchmarks/bench_train_step.make_step: the main job's `nvg-tiny-fast`
+the drift into the ratio. Here both steps (benchmarks/bench_train_step.make_step: the main job's `nvg-tiny`
 shapes, random weights) are built first (the compile time is printed), then run in alternating blocks of `--steps`
 steps (eager first in even blocks, compiled first in odd ones); prints steps/s per block and the total ratio.
 """

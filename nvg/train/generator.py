@@ -90,10 +90,10 @@ class TrainConfig(LoopConfig):
                              f"and {self.sample_steps}")
         if self.lr is not None and self.lr < 0:
             raise ValueError(f"--lr must be >= 0 (0: the official 1e-4 x batch / 256), got {self.lr}")
-        GeneratorConfig.from_name(self.preset, sample_content_cfg=self.sample_content_cfg,  # refused before any work:
-                                  sample_structure_cfg=self.sample_structure_cfg)  # an unknown preset, a bad CFG
-        self.sample_content_cfg = tuple(self.sample_content_cfg)
-        self.sample_structure_cfg = tuple(self.sample_structure_cfg)
+        # refused before any work: an unknown preset, a bad CFG schedule (kept as GeneratorConfig checks it: floats)
+        g = GeneratorConfig.from_name(self.preset, sample_content_cfg=self.sample_content_cfg,
+                                      sample_structure_cfg=self.sample_structure_cfg)
+        self.sample_content_cfg, self.sample_structure_cfg = g.sample_content_cfg, g.sample_structure_cfg
 
 
 @torch.no_grad()
@@ -132,16 +132,14 @@ def estimate_scale_factors(tok: Tokenizer, cache: dict, device, n: int = 512) ->
 
 
 @torch.no_grad()
-def write_samples(model: NVGGenerator, tok: Tokenizer, num_classes: int, per_class: int, steps: int | None,
-                  out: Path, tag: str, seed: int = 0) -> Path:
+def write_samples(model: NVGGenerator, tok: Tokenizer, num_classes: int, per_class: int, out: Path, tag: str,
+                  seed: int = 0) -> Path:
     """One row per class (`samples_<tag>.png`) and a per-stage strip of the first sample of each class, drawn with
-    `python -m nvg.sample`'s defaults (the model's CFG schedules; `steps` structure steps, None: the model's
-    default)."""
+    `python -m nvg.sample`'s defaults for the model (the structure steps and CFG schedules its config records)."""
     model.eval()
     sampler = Sampler(model, tok)
     y = torch.arange(num_classes, device=tok.quantize.embedding.weight.device).repeat_interleave(per_class)
-    sc = SampleConfig(structure_steps=steps)
-    vgs = sampler.generate(y, sc, seed=seed)
+    vgs = sampler.generate(y, SampleConfig(), seed=seed)
     T.save_image_grid(tok.decode(vgs.f_hat), out / f"samples_{tag}.png", nrow=per_class, scale=2)
     first = torch.arange(num_classes, device=y.device) * per_class
     sub = VGS([t[first] for t in vgs.tokens], vgs.labels[first], vgs.canvas[first], vgs.f_hat[first])
@@ -281,12 +279,12 @@ class GeneratorTrainer:
         if tag == "final":  # finish() draws the full grid
             return
         write_samples(ema_model(self.gcfg, self.ema, self.dev), self.tok, self.num_classes,
-                      min(self.cfg.samples_per_class, 4), self.cfg.sample_steps, self.loop.run_dir, tag)
+                      min(self.cfg.samples_per_class, 4), self.loop.run_dir, tag)
 
     def finish(self, result: dict) -> dict:
         out = self.loop.run_dir
         result["samples"] = str(write_samples(ema_model(self.gcfg, self.ema, self.dev), self.tok, self.num_classes,
-                                              self.cfg.samples_per_class, self.cfg.sample_steps, out, "final"))
+                                              self.cfg.samples_per_class, out, "final"))
         checkpoint.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
         print(f"generator: {result['steps']} steps in {result['seconds'] / 60:.1f} min; class-conditional samples "
               f"(one row per class) in {result['samples']}, per-stage strip in {out / 'stages_final.png'}, loss "
