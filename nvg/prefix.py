@@ -27,28 +27,35 @@ def prefix_block_ids(prefix: int, length: int, device) -> Tensor:
 
 
 def prefix_block(block: ParallelBlock, x_pre: Tensor, vec_pre: Tensor, x_str: Tensor, vec_str: Tensor,
-                 freqs: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+                 freqs: Tensor, ids: Tensor, last: bool = False) -> tuple[Tensor | None, Tensor]:
     """One structure block over [prefix | structure] tokens, recomputed in full (training, and the reference of the
-    cached sampler). Returns the new (x_pre, x_str)."""
+    cached sampler). Returns the new (x_pre, x_str); x_pre is None for the `last` block (its prefix output feeds
+    nothing).
+
+    Both parts go through `block_attention` with the variant's block ids, one call each: the prefix queries (block 0)
+    see the prefix keys, the structure queries (block 1) see the prefix and the structure keys. Drop path is drawn for
+    each part apart.
+    """
     P = x_pre.shape[1]
     q0, k0, v0, h0, g0 = block.project(x_pre, vec_pre, freqs[:, :, :P])
     q1, k1, v1, h1, g1 = block.project(x_str, vec_str, freqs[:, :, P:])
-    q, k, v = torch.cat([q0, q1], 2), torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)
-    attn = block_attention(q, k, v, ids, ids, check=False)
-    x = torch.cat([x_pre, x_str], 1)
-    gate = torch.cat([g0.expand_as(x_pre), g1.expand_as(x_str)], 1)  # one drop-path draw for the whole sequence
-    x = block.output(x, attn, torch.cat([h0, h1], 1), gate)
-    return x[:, :P], x[:, P:]
+    x_pre_out = None
+    if not last:
+        x_pre_out = block.output(x_pre, block_attention(q0, k0, v0, ids[:P], ids[:P], check=False), h0, g0)
+    attn = block_attention(q1, torch.cat([k0, k1], 2), torch.cat([v0, v1], 2), ids[P:], ids, check=False)
+    return x_pre_out, block.output(x_str, attn, h1, g1)
 
 
 def forward_structure_prefix(model, sc, z_BNK: Tensor, t_B: Tensor) -> Tensor:
     """Velocity (B, N, K) of the prefix variant, whole sequence recomputed (`NVGGenerator.forward_structure`)."""
-    vec_str = sc.class_vec_BC + model.structure_time_embed(timestep_embedding(t_B, 64).to(z_BNK.dtype))
+    vec_pre = sc.class_vec_BC
+    vec_str = vec_pre + model.structure_time_embed(timestep_embedding(t_B, 64).to(z_BNK.dtype))
     x_pre, x_str = sc.tokens_BLC, model.structure_embed(z_BNK)
     P = x_pre.shape[1]
     ids = prefix_block_ids(P, P + x_str.shape[1], z_BNK.device)
-    for block in model.structure_blocks:
-        x_pre, x_str = prefix_block(block, x_pre, sc.class_vec_BC, x_str, vec_str, sc.freqs, ids)
+    blocks = model.structure_blocks
+    for i, block in enumerate(blocks):
+        x_pre, x_str = prefix_block(block, x_pre, vec_pre, x_str, vec_str, sc.freqs, ids, last=i + 1 == len(blocks))
     return model.structure_head(x_str, vec_str)
 
 

@@ -3,7 +3,8 @@ the velocity, balanced top-half splits), chained like the official `generate_ima
 
 Modified from: github.com/Yikai-Wang/nvg (`NVGformer.generate`, `structure_sampling`, `sample`,
 `top_k_top_p_filtering`, `get_schedule` in nvgflow.py; `negative_log_sequence`, `generate_images` in eval_gen.py /
-generator.py), and HF transformers' `top_k_top_p_filtering`.
+generator.py), and HF transformers' `top_k_top_p_filtering`. Tokens are drawn by inverse CDF over the filter's sort
+(`sample_tokens`; the official multinomial is `sample_tokens_ref`): the same distribution, another random stream.
 Control (spec §7) is part of the same loop: fixed label maps for the first stages (structure-guided generation,
 structure transfer) and fixed tokens for the first stages (stage-wise regeneration); see nvg/sample/control.py.
 The command line (`python -m nvg.sample`) lives in nvg/sample/__main__.py.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..categorical import draw_from_cdf
 from ..model import NVGGenerator, cfg_schedule
 from .fast import PrefixVelocity
 from ..quantizer import VGS
@@ -131,7 +133,34 @@ def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
 
 def sample_tokens(logits_BnV: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> Tensor:
-    """One token per cluster (B, n): argmax when top_k == 1, else multinomial of softmax(filter(logits / T))."""
+    """One token per cluster (B, n): argmax when top_k == 1, else a draw from softmax(filter(logits / T)).
+
+    The distribution of `sample_tokens_ref`, drawn by inverse CDF over one descending sort (`nvg.categorical`): the
+    top-k (ties with the k-th kept) and top-p sets are the leading run of the sort, found with the same sorted softmax
+    and running sum as `filter_top_k_top_p`.
+    """
+    if top_k == 1:
+        return logits_BnV.argmax(-1)
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {top_k}, {top_p}")
+    B, n, V = logits_BnV.shape
+    x = logits_BnV.float().reshape(B * n, V) / max(temperature, 1e-5)
+    if top_k == 0 and top_p == 1.0:
+        return draw_from_cdf(F.softmax(x, -1).cumsum(-1), 0, V, generator).view(B, n)
+    x, order = torch.sort(x, descending=True)
+    keep = torch.full((B * n,), V, dtype=torch.long, device=x.device)
+    if top_k > 0:  # the filter keeps every logit >= the k-th largest
+        keep = (x >= x[:, min(top_k, V) - 1:min(top_k, V)]).sum(-1)
+        x = x.masked_fill(torch.arange(V, device=x.device) >= keep[:, None], -float("inf"))
+    cum = F.softmax(x, -1).cumsum(-1)
+    if top_p < 1.0:  # the first token whose running mass exceeds top_p is the last one kept
+        keep = torch.minimum(keep, 1 + (cum[:, :-1] <= top_p).sum(-1))
+    return order.gather(1, draw_from_cdf(cum, 0, keep, generator)[:, None]).view(B, n)
+
+
+def sample_tokens_ref(logits_BnV: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Reference of `sample_tokens` (the official way): multinomial of softmax(filter_top_k_top_p(logits / T))."""
     if top_k == 1:
         return logits_BnV.argmax(-1)
     B, n, V = logits_BnV.shape

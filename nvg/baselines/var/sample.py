@@ -1,10 +1,13 @@
 """Class-conditional VAR sampling: next-scale prediction with a static KV cache and ramped classifier-free guidance.
 
 Modified from: github.com/FoundationVision/VAR models/var.py (`autoregressive_infer_cfg`) and models/helpers.py
-(`sample_with_top_k_top_p_`). Differences from the released code, none of which changes the result:
+(`sample_with_top_k_top_p_`). Differences from the released code, none of which changes the distribution of the
+samples:
   - keys and values go into preallocated caches (no torch.cat per step);
   - the AdaLN modulations of the (constant) class condition are computed once per call, not once per step;
-  - top_k == 1 takes the argmax directly instead of a multinomial over a one-hot distribution.
+  - top_k == 1 takes the argmax directly instead of a multinomial over a one-hot distribution;
+  - tokens are drawn by inverse CDF over the filter's own sort (`nvg.categorical`), not by `torch.multinomial`: the
+    same distribution, another random stream (`sample_tokens_ref` is the released way).
 Settings use NVG's conventions (`nvg.sample.SampleConfig`): the guidance is a scale s (1 = off) ramped linearly over
 the scales, `content_cfg=(1.0, 1 + cfg)` for the released `cfg`; top_p = 1.0 is off (released: 0 = off).
 
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from nvg.categorical import draw_from_cdf
 
 from .attention import KVCache
 from .model import VAR
@@ -82,7 +87,36 @@ def filter_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 1.0) -
 
 def sample_tokens(logits_BlV: Tensor, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
                   generator: torch.Generator | None = None) -> Tensor:
-    """One token per row, long (B, l): argmax when top_k == 1, else multinomial over the filtered softmax."""
+    """One token per row, long (B, l): argmax when top_k == 1, else a draw from the filtered softmax.
+
+    The distribution of `sample_tokens_ref`, drawn by inverse CDF over the released rule's ascending sort
+    (`nvg.categorical`): the tokens top-p removes are the leading run of that sort, found with the same sorted softmax
+    and running sum as `filter_top_k_top_p` (fp32 here).
+    """
+    if top_k == 1:
+        return logits_BlV.argmax(dim=-1)
+    check_top_k_top_p(top_k, top_p)
+    B, l, V = logits_BlV.shape
+    x_NV = logits_BlV.float().reshape(B * l, V)
+    if temperature != 1.0:
+        x_NV = x_NV / temperature
+    if top_k == 0 and top_p == 1.0:
+        return draw_from_cdf(x_NV.softmax(dim=-1).cumsum(dim=-1), 0, V, generator).view(B, l)
+    x_NV, order_NV = x_NV.sort(dim=-1, descending=False)
+    removed_N = torch.zeros(B * l, dtype=torch.long, device=x_NV.device)
+    if top_k > 0:  # the filter removes every logit < the k-th largest: a leading run of the ascending sort
+        k = min(top_k, V)
+        removed_N = (x_NV < x_NV[:, V - k:V - k + 1]).sum(dim=-1)
+        x_NV = x_NV.masked_fill(torch.arange(V, device=x_NV.device) < removed_N[:, None], -torch.inf)
+    cum_NV = x_NV.softmax(dim=-1).cumsum(dim=-1)
+    if top_p < 1.0:  # the least likely tokens whose running mass is <= 1 - top_p; the most likely one stays
+        removed_N = torch.maximum(removed_N, (cum_NV[:, :-1] <= (1 - top_p)).sum(dim=-1))
+    return order_NV.gather(1, draw_from_cdf(cum_NV, removed_N, V, generator)[:, None]).view(B, l)
+
+
+def sample_tokens_ref(logits_BlV: Tensor, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Reference of `sample_tokens` (the released way): multinomial over softmax(filter_top_k_top_p(logits / T))."""
     if top_k == 1:
         return logits_BlV.argmax(dim=-1)
     B, l, V = logits_BlV.shape

@@ -1,0 +1,40 @@
+"""Token draws from a filtered softmax by inverse CDF: one uniform per row and a binary search, no multinomial.
+
+Both samplers (NVG's `nvg.sample.sampler.sample_tokens`, VAR's `nvg.baselines.var.sample.sample_tokens`) sort the
+logits once for their top-k / top-p rule, as the official code does; the sorted probabilities' running sum is then
+the CDF of the filtered distribution over a contiguous run [start, stop) of the sorted order, and a draw is a
+`searchsorted` of `cum[start - 1] + u (cum[stop - 1] - cum[start - 1])`, u ~ U[0, 1). That replaces the mask scatter,
+the second softmax and `torch.multinomial` (which draws one exponential per vocabulary entry: on a CPU a third of
+VAR's sampling time at batch 64). The distribution is the same; the random stream is not (other draws than the
+`_ref` samplers' for one seed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def draw_from_cdf(cum_RV: Tensor, start_R: Tensor | int, stop_R: Tensor | int,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Index i in [start, stop) of each row, drawn with probability (cum[i] - cum[i-1]) / (cum[stop-1] - cum[start-1]).
+
+    Args:
+        cum_RV: float (R, V) non-decreasing running sums of non-negative weights (cum[-1] read as 0).
+        start_R, stop_R: long (R,) or ints, 0 <= start < stop <= V; the run must hold positive weight.
+    Returns:
+        long (R,) indices into the last dimension.
+    """
+    R, V = cum_RV.shape
+    dev = cum_RV.device
+    if R and not torch.isfinite(cum_RV[:, -1]).all():  # torch.multinomial refuses these too
+        raise ValueError("token draw: the probabilities are not finite (NaN or infinite logits)")
+    start = torch.as_tensor(start_R, device=dev).expand(R).long()
+    stop = torch.as_tensor(stop_R, device=dev).expand(R).long()
+    zero = cum_RV.new_zeros(R, 1)
+    padded = torch.cat([zero, cum_RV], 1)  # padded[i] = cum[i - 1]
+    lo = padded.gather(1, start[:, None])
+    hi = padded.gather(1, stop[:, None])
+    u = torch.rand(R, 1, generator=generator, device=dev, dtype=cum_RV.dtype)
+    idx = torch.searchsorted(cum_RV, lo + u * (hi - lo), right=True)  # first i with cum[i] > target: weight > 0
+    return torch.minimum(torch.maximum(idx[:, 0], start), stop - 1)  # rounding guard at both ends
