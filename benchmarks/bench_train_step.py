@@ -9,8 +9,9 @@ sequences extracted beforehand. Random weights and tokens (speed does not depend
 Groups (the baseline runs first; extra_info has images_per_s, and speedup_vs_eager = baseline median / row median
 (same batch), measured in the same run; the options group uses conftest's record_baseline / report_ratio, which time the
 baseline themselves when it was deselected):
-  train-step-b8     eager fp32 at batch 8 (the baseline: what the main job runs), bf16 autocast, and torch.compile of
-                    the forward + loss (its compile time, not in the median, is extra_info compile_s)
+  train-step-b8     eager fp32 at batch 8 (the baseline: what the main job runs), bf16 autocast, torch.compile of
+                    the forward + loss (its compile time, not in the median, is extra_info compile_s), and the fast
+                    variant (`nvg-tiny-fast`, eager fp32)
   train-batch       eager fp32 at batch 4, 8 (baseline) and 16: speedup_vs_batch8 = images/s against batch 8
 On a GPU the same rows run (bf16 is then the trainer's default); the main job is a CPU job.
 """
@@ -36,13 +37,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def make_step(batch: int, mode: str = "eager"):
+def make_step(batch: int, mode: str = "eager", preset: str = PRESET):
     """(one training step, setup seconds): `mode` is "eager", "bf16" (autocast) or "compile" (torch.compile of the
     forward + loss; structure noise and times drawn outside, as a compiled trainer would)."""
     torch.manual_seed(0)
     tok = Tokenizer(TOKENIZER).to(DEVICE).eval()
     tc = tok.config
-    cfg = GeneratorConfig.from_name(PRESET, latent_hw=(tc.latent_size,) * 2, latent_dim=tc.latent_channels,
+    cfg = GeneratorConfig.from_name(preset, latent_hw=(tc.latent_size,) * 2, latent_dim=tc.latent_channels,
                                     vocab_size=tc.codebook_size, num_classes=10)
     gen = NVGGenerator(cfg).to(DEVICE).train()
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-3, betas=(0.9, 0.95))
@@ -82,11 +83,12 @@ def images_per_s(benchmark, batch: int) -> float | None:
     return batch / benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("mode", ["eager", "bf16", "compile"])
+@pytest.mark.parametrize("mode", ["eager", "bf16", "compile", "fast_variant"])
 def test_train_step_options(benchmark, record_baseline, report_ratio, mode):
     benchmark.group = "train-step-b8"
-    step, setup = make_step(8, mode)
-    benchmark.extra_info.update(preset=PRESET, batch=8, mode=mode, device=str(DEVICE))
+    preset = PRESET + "-fast" if mode == "fast_variant" else PRESET
+    step, setup = make_step(8, "eager" if mode == "fast_variant" else mode, preset)
+    benchmark.extra_info.update(preset=preset, batch=8, mode=mode, device=str(DEVICE))
     if mode == "compile":
         benchmark.extra_info["compile_s"] = round(setup, 1)
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)
