@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from nvg.convert_generator import load_official_generator
+from nvg.kernels.block_attn import block_attn_bwd_triton, block_attn_fwd_triton
 from nvg.model import PRESETS, GeneratorConfig, NVGGenerator
 from nvg.prefix import PrefixCache, forward_structure_prefix, prefix_block, prefix_block_ids
 from nvg.sample import SampleConfig, Sampler
 from nvg.sample.sampler import DEFAULT_STRUCTURE_SAMPLING
+from nvg.structure import split_clusters
 from nvg.tokenizer import Tokenizer
 
 
@@ -152,6 +154,65 @@ def test_prefix_variant_trains():
     for name, p in m.named_parameters():
         if name.startswith("structure_") and "structure_head" not in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+class _TritonAttention(torch.autograd.Function):
+    """block_attention through the Triton launchers (the CUDA route: interpreter on CPU tensors, native on a GPU)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_block, k_block):
+        scale = q.shape[-1] ** -0.5
+        out, lse = block_attn_fwd_triton(q, k, v, q_block, k_block, scale)
+        ctx.save_for_backward(q, k, v, out, lse, q_block, k_block)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, q_block, k_block = ctx.saved_tensors
+        dq, dk, dv = block_attn_bwd_triton(grad_out, q, k, v, out, lse, q_block, k_block, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+def test_prefix_training_through_the_triton_kernels(monkeypatch):
+    """The fast variant's training forward and backward with its attention on the Triton kernels (their route on a
+    GPU) give the velocities and gradients of the CPU path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cfg = GeneratorConfig.from_name("nvg-test", structure_attention="prefix", head_dim=32, width=64, depth=2)
+    m = NVGGenerator(cfg).to(device).train()
+    B, S, N, C = 2, cfg.num_stages, cfg.num_positions, cfg.latent_dim
+    g = torch.Generator().manual_seed(1)
+    labels = [torch.zeros(B, N, dtype=torch.long)]
+    for i in range(cfg.K):
+        labels.append(split_clusters(labels[-1], torch.randn(B, N, generator=g), i))
+    labels = torch.stack(labels, 1).to(device)
+    canvas = torch.randn(B, S, N, C, generator=g).to(device)
+    y = torch.tensor([1, cfg.num_classes], device=device)
+    eps = torch.randn(B, N, cfg.K, generator=g).to(device)
+    t = torch.rand(B, S - 2, generator=g).to(device)
+    results, calls = [], []
+
+    def triton_attention(q, k, v, q_block, k_block, check=True):
+        calls.append((q.shape[2], k.shape[2]))
+        return _TritonAttention.apply(q, k, v, q_block, k_block)
+
+    for route in ("default", "triton"):
+        if route == "triton":
+            monkeypatch.setattr("nvg.prefix.block_attention", triton_attention)
+        m.zero_grad()
+        v = m(canvas, labels, y, eps, t)["struct_v"]
+        (v * torch.linspace(-1, 1, v.numel(), device=device).view_as(v)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if n.startswith("structure_")}
+        results.append((v.detach(), grads))
+    P = 1 + N  # per block: the prefix queries over the prefix, the structure queries over everything (none for the
+    # last block's prefix)
+    assert calls == [(P, P), (N, P + N)] * (cfg.depth - 1) + [(N, P + N)]
+    tol = dict(atol=1e-2, rtol=1e-2) if device == "cuda" else dict(atol=1e-4, rtol=1e-4)  # TF32 on a GPU
+    torch.testing.assert_close(results[1][0], results[0][0], **tol)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, **tol, msg=name)
 
 
 @pytest.mark.cuda
