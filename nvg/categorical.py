@@ -27,8 +27,12 @@ def draw_from_cdf(cum_RV: Tensor, start_R: Tensor | int, stop_R: Tensor | int,
     """
     R, V = cum_RV.shape
     dev = cum_RV.device
-    if R and not torch.isfinite(cum_RV[:, -1]).all():  # torch.multinomial refuses these too
-        raise ValueError("token draw: the probabilities are not finite (NaN or infinite logits)")
+    if R:  # torch.multinomial refuses these too: an error on the CPU, a device-side assert (no host sync) on a GPU
+        finite = torch.isfinite(cum_RV[:, -1]).all()
+        if dev.type == "cpu" and not finite:
+            raise ValueError("token draw: the probabilities are not finite (NaN or infinite logits)")
+        if dev.type != "cpu":
+            torch._assert_async(finite, "token draw: the probabilities are not finite (NaN or infinite logits)")
     start = torch.as_tensor(start_R, device=dev).expand(R).long()
     stop = torch.as_tensor(stop_R, device=dev).expand(R).long()
     zero = cum_RV.new_zeros(R, 1)
