@@ -15,6 +15,12 @@ import torch
 from torch import Tensor
 
 
+def check_top_k_top_p(top_k: int, top_p: float) -> None:
+    """The samplers' filter settings: top_k >= 0 (0 = off, 1 = argmax), top_p in (0, 1] (1.0 = off)."""
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {top_k}, {top_p}")
+
+
 def draw_from_cdf(cum_RV: Tensor, start_R: Tensor | int, stop_R: Tensor | int,
                   generator: torch.Generator | None = None) -> Tensor:
     """Index i in [start, stop) of each row, drawn with probability (cum[i] - cum[i-1]) / (cum[stop-1] - cum[start-1]).

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..categorical import draw_from_cdf
+from ..categorical import check_top_k_top_p, draw_from_cdf
 from ..model import NVGGenerator, cfg_schedule
 from .fast import PrefixVelocity
 from ..quantizer import VGS
@@ -67,9 +67,8 @@ class SampleConfig:
             raise ValueError(f"structure_solver must be one of {STRUCTURE_SOLVERS}, got {self.structure_solver!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or not all(0 < p <= 1 for p in self.top_p):
-            raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {self.top_k}, "
-                             f"{self.top_p}")
+        for top_p in self.top_p:
+            check_top_k_top_p(self.top_k, top_p)
 
     def resolved(self, model_config) -> SampleConfig:
         """These settings with the unset ones filled in for the model: the structure flow's steps (the model's
@@ -116,8 +115,7 @@ def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
     The first token whose cumulative probability exceeds top_p is kept (nucleus filtering, Holtzman et al.).
     top_k = 0 and top_p = 1.0 are off; top_p must be in (0, 1].
     """
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {top_k}, {top_p}")
+    check_top_k_top_p(top_k, top_p)
     logits = logits.clone()
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
@@ -141,8 +139,7 @@ def sample_tokens(logits_BnV: Tensor, temperature: float = 1.0, top_k: int = 0, 
     """
     if top_k == 1:
         return logits_BnV.argmax(-1)
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {top_k}, {top_p}")
+    check_top_k_top_p(top_k, top_p)
     B, n, V = logits_BnV.shape
     x = logits_BnV.float().reshape(B * n, V) / max(temperature, 1e-5)
     if top_k == 0 and top_p == 1.0:

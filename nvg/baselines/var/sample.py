@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nvg.categorical import draw_from_cdf
+from nvg.categorical import check_top_k_top_p, draw_from_cdf
 
 from .attention import KVCache
 from .model import VAR
@@ -54,11 +54,6 @@ class VARSampleConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         check_top_k_top_p(self.top_k, self.top_p)
-
-
-def check_top_k_top_p(top_k: int, top_p: float) -> None:
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need top_k >= 0 (0 = off) and top_p in (0, 1] (1.0 = off), got {top_k}, {top_p}")
 
 
 def guidance_schedule(content_cfg: tuple[float, float], num_scales: int) -> list[float]:
