@@ -10,7 +10,7 @@ PACKAGES = {"nvg": ROOT / "nvg", "nvg.kernels": ROOT / "kernels"}
 # rooms, lowest first: ops/kernels <- quantizer/structure <- tokenizer/model <- sample <- train/eval <- commands
 ROOMS = [
     ("nvg", "nvg.ops", "nvg.kernels", "nvg._C"),
-    ("nvg.quantizer", "nvg.structure", "nvg.blocks", "nvg.data", "nvg.checkpoint"),
+    ("nvg.quantizer", "nvg.structure", "nvg.categorical", "nvg.blocks", "nvg.data", "nvg.checkpoint"),
     ("nvg.tokenizer", "nvg.model", "nvg.prefix", "nvg.convert", "nvg.convert_generator", "nvg.baselines.var.model",
      "nvg.baselines.var.vqvae", "nvg.baselines.var.quant", "nvg.baselines.var.attention",
      "nvg.baselines.var.autoencoder", "nvg.baselines.var.convert", "nvg.baselines"),
