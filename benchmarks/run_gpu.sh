@@ -115,7 +115,8 @@ pytest_args=(-q -rs -p no:cacheprovider)
 phase tests-ops gpu 120 "$PY" -m pytest "${pytest_args[@]}" tests/test_ops_granularity_cluster.py \
   tests/test_ops_cluster_quantize.py tests/test_kernels_launch.py
 phase tests-triton gpu 240 env NVG_TRITON_AUTOTUNE=0 "$PY" -m pytest "${pytest_args[@]}" \
-  tests/test_kernels_block_attn.py tests/test_kernels_kv_cache.py
+  tests/test_kernels_block_attn.py tests/test_kernels_kv_cache.py \
+  tests/test_sample_fast.py::test_prefix_training_through_the_triton_kernels
 
 # 5. compute-sanitizer over the CUDA ops at small sizes
 if san="$(sanitizer)" || [[ "$DRY" == 1 ]]; then
