@@ -41,10 +41,8 @@ def draw_from_cdf(cum_RV: Tensor, start_R: Tensor | int, stop_R: Tensor | int,
             torch._assert_async(finite, "token draw: the probabilities are not finite (NaN or infinite logits)")
     start = torch.as_tensor(start_R, device=dev).expand(R).long()
     stop = torch.as_tensor(stop_R, device=dev).expand(R).long()
-    zero = cum_RV.new_zeros(R, 1)
-    padded = torch.cat([zero, cum_RV], 1)  # padded[i] = cum[i - 1]
-    lo = padded.gather(1, start[:, None])
-    hi = padded.gather(1, stop[:, None])
+    lo = cum_RV.gather(1, (start - 1).clamp(min=0)[:, None]) * (start > 0)[:, None]  # cum[start - 1], 0 at start 0
+    hi = cum_RV.gather(1, (stop - 1)[:, None])
     u = torch.rand(R, 1, generator=generator, device=dev, dtype=cum_RV.dtype)
     idx = torch.searchsorted(cum_RV, lo + u * (hi - lo), right=True)  # first i with cum[i] > target: weight > 0
     return torch.minimum(torch.maximum(idx[:, 0], start), stop - 1)  # rounding guard at both ends

@@ -19,8 +19,6 @@ import dataclasses
 import json
 import os
 
-import torch
-
 from nvg import checkpoint
 from nvg.baselines.var.convert import load_var, load_vqvae
 from nvg.baselines.var.sample import VARSampleConfig
@@ -28,15 +26,6 @@ from nvg.baselines.var.sampler import VARSampler
 from nvg.eval import evaluate_samples
 from nvg.sample import SampleConfig, Sampler, load_generator
 from quality_vs_steps import draw, row_values
-
-
-def var_draw(sampler: VARSampler, num_classes: int, n: int, config: VARSampleConfig, batch_size: int = 100):
-    labels = torch.arange(n) % num_classes
-    images = []
-    for i, s in enumerate(range(0, n, batch_size)):
-        x = sampler.sample(labels[s:s + batch_size], config, seed=i)
-        images.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
-    return torch.cat(images), labels
 
 
 def settings(a) -> list[tuple[float, float | None]]:
@@ -56,12 +45,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.ckpt:
         model, tok, _ = load_generator(a.ckpt)
-        sampler, num_classes = Sampler(model, tok), model.config.num_classes
+        sampler = Sampler(model, tok)
     else:
         run = checkpoint.open_checkpoint(os.path.join(a.var, "transformer"), "var")
         train = run.config["train"]
         var = load_var(run.path)
-        sampler, num_classes = VARSampler(var, load_vqvae(os.path.join(a.var, "tokenizer"))), var.config.num_classes
+        sampler = VARSampler(var, load_vqvae(os.path.join(a.var, "tokenizer")))
     results = []
     print("| run | content CFG | structure CFG | FD-proxy ↓ (floor) | precision (floor) | recall (floor) | "
           "class acc. (floor) |")
@@ -69,10 +58,9 @@ def main() -> None:
     for content, structure in settings(a):
         if a.ckpt:
             sc = SampleConfig(content_cfg=(1.0, content), structure_cfg=(1.0, structure))
-            images, labels = draw(sampler, a.n, sc)
         else:
             sc = VARSampleConfig(content_cfg=(1.0, content), top_k=train["top_k"], top_p=train["top_p"])
-            images, labels = var_draw(sampler, num_classes, a.n, sc)
+        images, labels = draw(sampler, a.n, sc)
         v = row_values(evaluate_samples(images, labels, reference="fashion-mnist"))
         v.update(run=a.ckpt or a.var, settings=dataclasses.asdict(sc), n=a.n)
         results.append(v)

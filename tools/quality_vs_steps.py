@@ -22,7 +22,8 @@ from nvg.eval import evaluate_samples
 from nvg.sample import SampleConfig, Sampler, load_generator
 
 
-def draw(sampler: Sampler, n: int, config: SampleConfig, batch_size: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(sampler, n: int, config, batch_size: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """n uint8 images, classes in turn, batch `batch_size`, seed = batch index (an NVG Sampler or a VARSampler)."""
     labels = torch.arange(n) % sampler.model.config.num_classes
     images = []
     for i, s in enumerate(range(0, n, batch_size)):
