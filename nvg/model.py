@@ -45,6 +45,7 @@ class GeneratorConfig:
     head_dim: int = 64  # both transformers; structure-aware RoPE axes are laid out for it
     mlp_ratio: float = 4.0
     structure_down_factor: int = 2  # structure width and heads = content's / this
+    structure_depth: int = 0  # structure blocks; 0 = depth (official: both transformers have `depth` blocks)
     num_classes: int = 1000  # class id num_classes is the null class of classifier-free guidance
     vocab_size: int = 4096
     latent_dim: int = 32
@@ -75,6 +76,8 @@ class GeneratorConfig:
             raise ValueError(f"sample_structure_steps must be None or an integer >= 1, got {steps!r}")
         if self.width == 0:
             self.width = 64 * self.depth
+        if self.structure_depth < 0:
+            raise ValueError(f"structure_depth must be >= 0 (0 = depth), got {self.structure_depth}")
         if self.structure_attention not in STRUCTURE_ATTENTION:
             raise ValueError(f"structure_attention must be one of {STRUCTURE_ATTENTION}, got {self.structure_attention!r}")
         N = self.latent_hw[0] * self.latent_hw[1]
@@ -150,6 +153,11 @@ class StructureContext:
     extras: dict = field(default_factory=dict)
 
 
+def drop_path_rates(depth: int, on: bool) -> list[float]:
+    """Official stochastic depth of `depth` blocks: rising linearly 0 -> 0.1 * depth / 24, or zeros."""
+    return [0.1 * depth / 24 * i / max(depth - 1, 1) if on else 0.0 for i in range(depth)]
+
+
 class NVGGenerator(nn.Module):
     """Content generator f_c + structure generator f_s with the official parameter layout."""
 
@@ -158,8 +166,7 @@ class NVGGenerator(nn.Module):
         self.config = cfg
         K, N, C, w, ws = cfg.K, cfg.num_positions, cfg.latent_dim, cfg.width, cfg.structure_width
         S = cfg.num_stages
-        dp = ([0.1 * cfg.depth / 24 * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)] if cfg.drop_path
-              else [0.0] * cfg.depth)
+        dp = drop_path_rates(cfg.depth, cfg.drop_path)
         self.rope_axes = rope_axes(cfg.head_dim, K)
         if ws // cfg.structure_heads != cfg.head_dim:
             raise ValueError(f"structure head_dim {ws // cfg.structure_heads} != {cfg.head_dim}: use a width with an "
@@ -179,8 +186,9 @@ class NVGGenerator(nn.Module):
         self.structure_content_cond_embed = nn.Linear(C, ws)
         self.structure_stage_embed = nn.Embedding(S - 2, ws)
         self.structure_time_embed = MLPEmbedder(64, ws)
-        self.structure_blocks = nn.ModuleList([ParallelBlock(ws, cfg.structure_heads, cfg.mlp_ratio, dp[i])
-                                               for i in range(cfg.depth)])
+        self.structure_blocks = nn.ModuleList([ParallelBlock(ws, cfg.structure_heads, cfg.mlp_ratio, p)
+                                               for p in drop_path_rates(cfg.structure_depth or cfg.depth,
+                                                                        cfg.drop_path)])
         self.structure_head = LastLayer(ws, K)
         if cfg.repa_dim > 0:
             self.projector = nn.Sequential(nn.Linear(w, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),

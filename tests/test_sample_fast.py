@@ -14,10 +14,11 @@ from nvg.structure import split_clusters
 from nvg.tokenizer import Tokenizer
 
 
-def tiny_pair(variant="nvg-tiny-fast", seed=0):
+def tiny_pair(variant="nvg-tiny-fast", seed=0, **overrides):
     torch.manual_seed(seed)
     tok = Tokenizer("tiny-ae-32px-8x8").eval()
-    cfg = GeneratorConfig.from_name(variant, latent_dim=tok.config.latent_channels, vocab_size=tok.config.vocab_size)
+    cfg = GeneratorConfig.from_name(variant, latent_dim=tok.config.latent_channels, vocab_size=tok.config.vocab_size,
+                                    **overrides)
     return NVGGenerator(cfg).eval(), tok
 
 
@@ -83,6 +84,30 @@ def test_cache_velocity_equals_recomputation(B):
                                        atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.forward_structure(sc, z, t), forward_structure_prefix(m, sc, z, t),
                                    atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("structure_depth", [1, 3])
+def test_structure_depth_other_than_depth(structure_depth):
+    """`structure_depth` sets the structure blocks apart from the content blocks (0 = depth, the official layout)."""
+    assert len(NVGGenerator(GeneratorConfig.from_name("nvg-tiny", depth=3)).structure_blocks) == 3
+    with pytest.raises(ValueError, match="structure_depth must be >= 0"):
+        GeneratorConfig(structure_depth=-1)
+    m, tok = tiny_pair(structure_depth=structure_depth)
+    assert len(m.structure_blocks) == structure_depth and len(m.content_blocks) == 2
+    assert GeneratorConfig(**dataclasses.asdict(m.config)) == m.config  # recorded in the checkpoint config
+    sc, z, t = structure_inputs(m, 2)
+    cache = PrefixCache(m, 2)
+    assert len(cache.caches) == structure_depth
+    with torch.no_grad():
+        cache.fill(sc)
+        torch.testing.assert_close(cache.velocity(z, t), forward_structure_prefix(m, sc, z, t), atol=1e-5, rtol=1e-5)
+    y = torch.arange(2)
+    a = Sampler(m, tok).generate(y, SampleConfig(structure_steps=2), seed=1)
+    b = Sampler(m, tok, structure_cache=False).generate(y, SampleConfig(structure_steps=2), seed=1)
+    assert torch.equal(a.labels, b.labels)
+    # an older checkpoint config has no structure_depth: the official layout
+    old = {k: v for k, v in dataclasses.asdict(GeneratorConfig.from_name("nvg-tiny")).items() if k != "structure_depth"}
+    assert len(NVGGenerator(GeneratorConfig(**old)).structure_blocks) == 2
 
 
 def test_prefix_cache_bad_use():

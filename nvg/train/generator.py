@@ -43,6 +43,7 @@ class TrainConfig(LoopConfig):
     depth: int | None = None  # override the preset's depth / width / head_dim
     width: int | None = None
     head_dim: int | None = None
+    structure_depth: int | None = None  # override the preset's structure blocks (0 = depth)
     dataset: str = "fashion-mnist"
     max_images: int | None = None  # train on the first n images only (quick experiments, tests)
     out_dir: str = "runs/generator"
@@ -185,7 +186,7 @@ class GeneratorTrainer:
                          vocab_size=tcfg.codebook_size, num_classes=self.num_classes,
                          sample_content_cfg=cfg.sample_content_cfg, sample_structure_cfg=cfg.sample_structure_cfg,
                          sample_structure_steps=cfg.sample_steps)
-        overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim") if getattr(cfg, k) is not None})
+        overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim", "structure_depth") if getattr(cfg, k) is not None})
         if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
             overrides["width"] = 64 * cfg.depth
         if self.dino is not None:
@@ -206,6 +207,7 @@ class GeneratorTrainer:
         """A resumed run must use the same model and the same tokenizer (by content)."""
         c = self.cfg
         return {"preset": c.preset, "depth": c.depth, "width": c.width, "head_dim": c.head_dim,
+                "structure_depth": c.structure_depth,
                 "repa": self.dino is not None, "fsdp": self.fsdp, "tokenizer_hash": self.tok_ref["hash"],
                 "dataset": c.dataset, "max_images": c.max_images}
 
