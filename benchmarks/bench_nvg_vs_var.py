@@ -2,6 +2,7 @@
 
     pytest benchmarks/bench_nvg_vs_var.py --benchmark-only [--benchmark-json=.benchmarks/nvg_vs_var.json]
     NVG_BENCH_SIZES=d16 pytest benchmarks/bench_nvg_vs_var.py --benchmark-only     # one size only
+    NVG_BENCH_ROUNDS=1:5,64:2 ...                                                   # rounds per batch (sampling)
 
 Sizes: on a CPU the tiny presets (nvg-tiny + tiny-ae-32px-8x8 against var-tiny + var-vae-tiny, 32 px, ~1.3M
 transformer parameters each); on a GPU d16, d20 and d24 with random weights (nvg-d{n} + nvg-ae-f16 against
@@ -51,6 +52,21 @@ PRESETS = {  # size: (nvg generator, nvg tokenizer, var transformer, var tokeniz
 }
 TRAIN_BATCH = 32 if HAS_CUDA else 16
 ROUNDS = {1: 10, 16: 5, 64: 3} if HAS_CUDA else {1: 5, 16: 3, 64: 3}  # CPU: medians of 3 at least, the VM drifts
+
+
+def rounds_from_env(text: str, rounds: dict[int, int]) -> dict[int, int]:
+    """NVG_BENCH_ROUNDS="1:5,64:2" (batch:rounds, comma-separated) overrides ROUNDS for those batches."""
+    out = dict(rounds)
+    for item in filter(None, text.replace(" ", "").split(",")):
+        batch, sep, n = item.partition(":")
+        if not (sep and batch.isdigit() and n.isdigit() and int(batch) in rounds and int(n) >= 1):
+            raise ValueError(f"NVG_BENCH_ROUNDS: expected batch:rounds pairs with batch in {sorted(rounds)} and "
+                             f"rounds >= 1, got {item!r}")
+        out[int(batch)] = int(n)
+    return out
+
+
+ROUNDS = rounds_from_env(os.environ.get("NVG_BENCH_ROUNDS", ""), ROUNDS)
 RELEASED_VAR_D16 = {1: 0.200, 64: 64 / 141}  # seconds per call of the released code on an H200 (anchors.md)
 MODELS = ["var", "nvg"]  # the baseline first
 # sampling also runs VAR with one CUDA graph per scale on a GPU (the baseline stays the eager static-cache VAR) and

@@ -10,8 +10,9 @@
 # Writes under $OUT (default ./gpu-results): summary.txt (one line per phase: status, seconds, limit), one log per
 # phase, env.txt, pytest-benchmark JSON, aot.json. Exit status 0 when no phase failed or timed out.
 # Phases (limit in s):  env 30 | build 240 (+ CPU-only fallback 120) | registered 60 | triton-aot 90 |
-#   tests-ops 120 | tests-triton 240 | sanitizer-{memcheck,racecheck,synccheck} 90 each | bench-ops 90 |
-#   tests-cuda-rest 90 | bench-attn 150.  Expected on an H200: about 6 minutes (see benchmarks/RESULTS.md).
+#   tests-ops 120 | tests-triton 240 | sanitizer-{memcheck,racecheck,synccheck} 90 each | tests-cuda-rest 90 |
+#   bench-nvg-vs-var-b1 120 | bench-nvg-vs-var-b64 150 | bench-ops 90 | bench-attn 150 (the limits sum to more than
+#   the budget: the last phases get what is left).  Never run on a GPU yet: the time each phase takes is a guess.
 # Tests run with NVG_TRITON_AUTOTUNE=0 (one Triton config per kernel: tools/triton_aot_compile.py counts and
 # times the compilations they need); benchmarks autotune fully. Record results in benchmarks/RESULTS.md.
 set -uo pipefail
@@ -129,10 +130,9 @@ else
   record sanitizer "SKIPPED: compute-sanitizer not found" 0 0
 fi
 
-# 6. benchmarks (full autotuning) and the remaining cuda-marked tests
-phase bench-ops gpu 90 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_ops_granularity_cluster.py \
-  benchmarks/bench_ops_cluster_quantize.py --benchmark-only --benchmark-json="$OUT/bench_ops.json" \
-  --benchmark-columns=median,iqr,rounds
+# 6. the remaining cuda-marked tests (the fast NVG sampler's CUDA-graph step among them), then benchmarks (full
+# autotuning): NVG vs VAR sampling at d16 first (issue targets: NVG fast >= 40 images/s at batch 64, <= 0.30 s at
+# batch 1, bf16, decode included), one pytest per batch so that a cut run keeps the batch-1 JSON
 # the other cuda-marked tests: files that need a missing optional package (PIL) are left out, and said so
 rest=()
 for f in $(grep -l "mark.cuda" tests/test_*.py); do
@@ -146,6 +146,15 @@ done
 if (( ${#rest[@]} )); then
   phase tests-cuda-rest gpu 90 env NVG_TRITON_AUTOTUNE=0 "$PY" -m pytest "${pytest_args[@]}" -m cuda "${rest[@]}"
 fi
+nvg_rows="test_sample and (var] or nvg] or nvg_fast] or nvg_2step])"
+for b in 1 64; do
+  phase "bench-nvg-vs-var-b$b" gpu $(( b == 1 ? 120 : 150 )) env NVG_BENCH_SIZES=d16 NVG_BENCH_ROUNDS=1:5,64:2 \
+    "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_nvg_vs_var.py --benchmark-only -k "$nvg_rows and d16-$b-" \
+    --benchmark-json="$OUT/bench_nvg_vs_var_b$b.json" --benchmark-columns=median,iqr,rounds
+done
+phase bench-ops gpu 90 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_ops_granularity_cluster.py \
+  benchmarks/bench_ops_cluster_quantize.py --benchmark-only --benchmark-json="$OUT/bench_ops.json" \
+  --benchmark-columns=median,iqr,rounds
 phase bench-attn gpu 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_block_attn.py --benchmark-only \
   --benchmark-json="$OUT/bench_attn.json" --benchmark-columns=median,iqr,rounds
 

@@ -55,8 +55,12 @@ def test_gpu_check_dry_run(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ["env", "build", "registered", "triton-aot", "tests-ops", "tests-triton", "sanitizer-memcheck",
-                 "sanitizer-racecheck", "sanitizer-synccheck", "bench-ops", "bench-attn", "total"]:
+                 "sanitizer-racecheck", "sanitizer-synccheck", "tests-cuda-rest", "bench-nvg-vs-var-b1",
+                 "bench-nvg-vs-var-b64", "bench-ops", "bench-attn", "total"]:
         assert name in summary, name
+    # the H200 targets: NVG fast against VAR and NVG faithful at d16, batch 1 and 64
+    nvg_vs_var = (out / "bench-nvg-vs-var-b64.log").read_text()
+    assert "NVG_BENCH_SIZES=d16" in nvg_vs_var and "d16-64-" in nvg_vs_var and "nvg_fast]" in nvg_vs_var
     assert "tests-triton         skipped (dry run)" in summary
     assert "triton-aot           passed" in summary and "build                passed" in summary
     assert "nvcc" in (out / "env.txt").read_text() or "Cuda compilation tools" in (out / "env.txt").read_text()
