@@ -54,7 +54,7 @@ def test_structure_transfer_uses_reference_maps(setup):
     sampler, tok = setup
     imgs = torch.rand(2, 3, 16, 16) * 2 - 1
     ref = tok.encode(imgs)
-    vgs = control.structure_transfer(sampler, tok, imgs, torch.tensor([5, 6]), stages=3, sc=SC, seed=1)
+    vgs = control.structure_transfer(sampler, imgs, torch.tensor([5, 6]), stages=3, sc=SC, seed=1)
     assert torch.equal(vgs.labels[:, :3], ref.labels[:, :3])
     check_nested(vgs.labels)
 
@@ -63,12 +63,23 @@ def test_regenerate_keeps_the_first_stages(setup):
     sampler, tok = setup
     imgs = torch.rand(2, 3, 16, 16) * 2 - 1
     ref = tok.encode(imgs)
-    vgs = control.regenerate(sampler, tok, imgs, keep_stages=2, classes=torch.tensor([7, 8]), sc=SC, seed=2)
+    vgs = control.regenerate(sampler, imgs, keep_stages=2, classes=torch.tensor([7, 8]), sc=SC, seed=2)
     for i in range(2):
         assert torch.equal(vgs.tokens[i], ref.tokens[i]) and torch.equal(vgs.labels[:, i], ref.labels[:, i])
     torch.testing.assert_close(vgs.canvas[:, :3], ref.canvas[:, :3], atol=1e-5, rtol=1e-5)
-    only = control.regenerate(sampler, tok, imgs, 3, torch.tensor([7, 8]), keep_structure_only=True, sc=SC, seed=2)
+    only = control.regenerate(sampler, imgs, 3, torch.tensor([7, 8]), keep_structure_only=True, sc=SC, seed=2)
     assert torch.equal(only.labels[:, :3], ref.labels[:, :3])
+
+
+def test_reference_images_are_checked(setup):
+    """The tokenizer is the sampler's; a call that still passes one (the older signature) or images of another shape
+    gets an error naming the problem."""
+    sampler, tok = setup
+    imgs = torch.rand(2, 3, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match="reference images must be a tensor .* got Tokenizer .* no tokenizer argument"):
+        control.structure_transfer(sampler, tok, imgs, torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match=r"reference images must be a tensor \(B, 3, H, W\), got \(3, 16, 16\)"):
+        control.regenerate(sampler, imgs[0], 2, torch.tensor([7]))
 
 
 @pytest.mark.parametrize("fault,match", [

@@ -220,12 +220,11 @@ class Engine:
                 vgs = control.structure_guided(self.sampler, y, maps, req.sampler, req.seed)
             elif req.mode == "transfer":
                 refs = req.image[None].expand(req.n, -1, -1, -1).to(self.device)
-                vgs = control.structure_transfer(self.sampler, self.tokenizer, refs, y, req.stages, req.sampler,
-                                                 req.seed)
+                vgs = control.structure_transfer(self.sampler, refs, y, req.stages, req.sampler, req.seed)
             elif req.mode == "regenerate":
                 refs = req.image[None].expand(req.n, -1, -1, -1).to(self.device)
-                vgs = control.regenerate(self.sampler, self.tokenizer, refs, req.keep_stages, y,
-                                         not req.keep_content, req.sampler, req.seed)
+                vgs = control.regenerate(self.sampler, refs, req.keep_stages, y, not req.keep_content, req.sampler,
+                                         req.seed)
             else:
                 vgs = self.sampler.generate(y, req.sampler, seed=req.seed)
         finally:

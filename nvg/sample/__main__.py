@@ -242,10 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
         batch_refs = refs[s:s + cmd.batch_size].to(cmd.device) if refs is not None else None
         with amp:
             if ctl.regenerate_from:
-                vgs = control.regenerate(sampler, tok, batch_refs, ctl.keep_stages, y, ctl.keep_structure_only, sc,
-                                         seed)
+                vgs = control.regenerate(sampler, batch_refs, ctl.keep_stages, y, ctl.keep_structure_only, sc, seed)
             elif ctl.structure_from:
-                vgs = control.structure_transfer(sampler, tok, batch_refs, y, ctl.structure_stages, sc, seed)
+                vgs = control.structure_transfer(sampler, batch_refs, y, ctl.structure_stages, sc, seed)
             elif maps is not None:
                 m = maps if maps.shape[0] == 1 else maps[torch.arange(s, s + len(y)) % maps.shape[0]]
                 vgs = control.structure_guided(sampler, y, m.to(cmd.device), sc, seed)
