@@ -101,6 +101,8 @@ def regenerate(sampler: Sampler, images: Tensor, keep_stages: int, classes: Tens
 
 
 def check_reference_images(images) -> None:
+    """Reference images must be a (B, 3, H, W) tensor; the error also catches calls in the older form, which passed a
+    tokenizer where the images now go."""
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         what = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"reference images must be a tensor (B, 3, H, W), got {what} (the tokenizer is the "

@@ -186,7 +186,8 @@ class GeneratorTrainer:
                          vocab_size=tcfg.codebook_size, num_classes=self.num_classes,
                          sample_content_cfg=cfg.sample_content_cfg, sample_structure_cfg=cfg.sample_structure_cfg,
                          sample_structure_steps=cfg.sample_steps)
-        overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim", "structure_depth") if getattr(cfg, k) is not None})
+        overrides.update({k: getattr(cfg, k) for k in ("depth", "width", "head_dim", "structure_depth")
+                          if getattr(cfg, k) is not None})
         if cfg.depth is not None and cfg.width is None and cfg.preset.startswith("nvg-d"):
             overrides["width"] = 64 * cfg.depth
         if self.dino is not None:
