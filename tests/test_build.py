@@ -82,3 +82,18 @@ def test_triton_aot_compile_subset(tmp_path):
     assert set(s["per_kernel"]) == {"_block_attn_fwd_kernel", "_bwd_delta_kernel", "_block_attn_bwd_dkdv_kernel",
                                     "_block_attn_bwd_dq_kernel"}
     assert s["estimated_s_all"] < 180
+
+
+def test_bench_rounds_from_env():
+    """NVG_BENCH_ROUNDS (the GPU check sets it) overrides the sampling rounds per batch; bad values are refused."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_nvg_vs_var import rounds_from_env
+    finally:
+        sys.path.pop(0)
+    base = {1: 10, 16: 5, 64: 3}
+    assert rounds_from_env("", base) == base
+    assert rounds_from_env("1:5, 64:2", base) == {1: 5, 16: 5, 64: 2}
+    for bad in ("2:5", "1:0", "1", "1:x", "64:-1"):
+        with pytest.raises(ValueError, match="NVG_BENCH_ROUNDS"):
+            rounds_from_env(bad, base)
