@@ -19,7 +19,7 @@ Block (pre-norm, AdaLN from the class embedding c, six modulation vectors per bl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -154,9 +154,6 @@ class VAR(nn.Module):
             start = self.begin_ends[-1][1] if self.begin_ends else 0
             self.begin_ends.append((start, start + pn * pn))
         self.init_weights()
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
 
     @torch.no_grad()
     def init_weights(self, adaln_init: float = 0.5, head_init: float = 0.02) -> None:

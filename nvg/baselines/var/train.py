@@ -136,11 +136,11 @@ class VARTrainer:
         self.vae_hash = checkpoint.content_hash(vae.state_dict())
 
     def config(self) -> dict:
-        return {"model": self.model.config_dict(), "tokenizer": self.vae.config_dict(),
+        return {"model": dataclasses.asdict(self.model.config), "tokenizer": dataclasses.asdict(self.vae.config),
                 "tokenizer_hash": self.vae_hash, "train": self.cfg.as_dict()}
 
     def options(self) -> dict:
-        return {"model": self.model.config_dict(), "tokenizer_hash": self.vae_hash}
+        return {"model": dataclasses.asdict(self.model.config), "tokenizer_hash": self.vae_hash}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict()}

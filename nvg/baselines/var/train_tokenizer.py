@@ -8,6 +8,7 @@ loss of the same PatchGAN discriminator (hinge loss for it). No LPIPS (it needs 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -62,10 +63,10 @@ class VQVAETrainer:
         self.net_d = DDP(self.disc) if (self.disc is not None and d.world_size > 1) else self.disc
 
     def config(self) -> dict:
-        return {"model": self.model.config_dict(), "train": self.cfg.as_dict()}
+        return {"model": dataclasses.asdict(self.model.config), "train": self.cfg.as_dict()}
 
     def options(self) -> dict:
-        return {"model": self.model.config_dict(), "disc": self.cfg.disc}
+        return {"model": dataclasses.asdict(self.model.config), "disc": self.cfg.disc}
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.opt.state_dict()}

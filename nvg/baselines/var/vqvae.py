@@ -9,7 +9,7 @@ configurations (the reference outputs use ch 32) share the same layout and key n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -81,9 +81,6 @@ class VQVAE(nn.Module):
                                             config.phi_count, config.phi_ratio, config.beta)
         self.quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 3, padding=1)
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
 
     def _check_image(self, img_B3HW: Tensor) -> None:
         side = self.config.image_size
