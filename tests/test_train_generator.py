@@ -135,14 +135,23 @@ def test_bad_config(tokenizer_ckpt, tmp_path):
         main(_cfg(tokenizer_ckpt, tmp_path, sample_content_cfg=(1.0,)))
 
 
-def test_ema_decay_zero_keeps_the_raw_weights(tokenizer_ckpt, tmp_path):
-    """The main job's default (--ema-decay 0): the checkpoint's averaged weights are exactly the trained ones, so
-    nvg.sample (EMA weights when kept) samples the raw weights."""
+def test_ema_decay_zero_keeps_no_copy(tokenizer_ckpt, tmp_path):
+    """The main job's default (--ema-decay 0): no EMA copy is kept (nor written: no ema.safetensors), nvg.sample
+    loads the raw weights, and a cut run resumes exactly."""
     assert TrainConfig().ema_decay == 0.0
-    res = main(_cfg(tokenizer_ckpt, tmp_path / "run", ema_decay=0.0))
-    ck = open_checkpoint(res["checkpoint"])
-    raw, ema = ck.weights(ema=False), ck.ema_weights()
-    assert set(ema) <= set(raw) and all(torch.equal(ema[k], raw[k].float()) for k in ema)
+    full = main(_cfg(tokenizer_ckpt, tmp_path / "full", ema_decay=0.0))
+    ck = open_checkpoint(full["checkpoint"])
+    assert not ck.has_ema
+    raw = ck.weights(ema=False)
+    loaded = NVGGenerator.from_checkpoint(tmp_path / "full").state_dict()  # ema=None: EMA when kept, else raw
+    assert all(torch.equal(loaded[k], raw[k]) for k in raw)
+    main(_cfg(tokenizer_ckpt, tmp_path / "cut", ema_decay=0.0, stop_after=2))
+    resumed = main(_cfg(tokenizer_ckpt, tmp_path / "cut", ema_decay=0.0, resume=True))
+    assert resumed["steps_this_run"] == 2
+    cut = open_checkpoint(resumed["checkpoint"])
+    assert not cut.has_ema
+    for k, v in cut.weights(ema=False).items():
+        assert torch.equal(v, raw[k]), k
 
 
 def _torchrun(cfg, port, *extra):

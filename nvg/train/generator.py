@@ -26,7 +26,7 @@ from ..model import GeneratorConfig, NVGGenerator, generator_loss
 from ..quantizer import VGS
 from ..sample import SampleConfig, Sampler
 from ..sample.loading import load_tokenizer, tokenizer_reference
-from .sharding import ema_model, ema_update, full_weights, load_full_weights, load_optimizer, optimizer_state, shard
+from .sharding import ema_update, full_weights, load_full_weights, load_optimizer, optimizer_state, plain_model, shard
 from ..tokenizer import Tokenizer
 
 
@@ -59,9 +59,9 @@ class TrainConfig(LoopConfig):
     final_lr_ratio: float = 0.1
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    ema_decay: float = 0.0  # 0 = the averaged weights are the raw ones. Official: 0.9999 (hundreds of thousands of
-    # steps). At the main job's few thousand steps the schedule's decay already anneals, and EMA 0.99 sampled worse
-    # than the raw weights of the same runs (README "Quick start")
+    ema_decay: float = 0.0  # 0 = no averaging (no EMA copy; the checkpoints hold the raw weights only). Official:
+    # 0.9999 (hundreds of thousands of steps). At the main job's few thousand steps the schedule's decay already
+    # anneals, and EMA 0.99 sampled worse than the raw weights of the same runs (README "Quick start")
     null_class_prob: float = 0.1  # classifier-free guidance training
     repa_weights: str | None = None  # DINOv2 ViT-*/14 state_dict file: enables REPA (official: ViT-B/14, weight 0.5)
     repa_weight: float = 0.5
@@ -175,8 +175,11 @@ class GeneratorTrainer:
         T.seed_everything(cfg.seed)
         self.model = NVGGenerator(self.gcfg).to(dev)
         self.peak_lr = cfg.lr if cfg.lr else 1e-4 * cfg.batch_size * d.world_size / 256
-        self.ema = T.EMA(self.model, cfg.ema_decay)  # a full fp32 copy on every rank, also under FSDP
         self.fsdp = cfg.fsdp and d.world_size > 1
+        # the averaged weights: a full fp32 copy on every rank. At decay 0 they are the raw weights and no copy is kept
+        # (the checkpoints then hold no ema.safetensors and load the raw weights), except under FSDP, where the copy
+        # is the main rank's gathered view of the weights for the sample grids
+        self.ema = T.EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 or self.fsdp else None
         self.opt = None  # made in wrap(), after sharding
         self.gen = torch.Generator(dev).manual_seed(cfg.seed * 7919 + d.rank)  # null-class / noise draws
 
@@ -233,7 +236,8 @@ class GeneratorTrainer:
             load_full_weights(self.model, sd)
         else:
             checkpoint.load_strict(self.model, sd, f"{ckpt.path}")
-        self.ema.load_state_dict(ckpt.ema_weights())
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.ema_weights())
 
     def state_dict(self) -> dict:
         return {"optimizer": optimizer_state(self.model, self.opt, self.fsdp)}
@@ -270,7 +274,8 @@ class GeneratorTrainer:
             res = self.net(vgs.canvas, vgs.labels, y, generator=self.gen)
             loss, terms = generator_loss(res, vgs.f_hat, vgs.tokens, repa_target, cfg.repa_weight)
         if self.loop.update(self.opt, loss, self.model.parameters(), cfg.grad_clip, "generator loss"):
-            ema_update(self.ema, self.model)
+            if self.ema is not None:
+                ema_update(self.ema, self.model)
         return terms
 
     def log_text(self, values: dict) -> dict:
@@ -281,12 +286,17 @@ class GeneratorTrainer:
     def images(self, step: int, tag: str) -> None:
         if tag == "final":  # finish() draws the full grid
             return
-        write_samples(ema_model(self.gcfg, self.ema, self.dev), self.tok, self.num_classes,
+        write_samples(self.grid_model(), self.tok, self.num_classes,
                       min(self.cfg.samples_per_class, 4), self.loop.run_dir, tag)
+
+    def grid_model(self) -> NVGGenerator:
+        """An eval-mode copy of the weights the checkpoints sample: the EMA copy, or the raw weights (main rank)."""
+        return plain_model(self.gcfg, self.ema.state_dict() if self.ema is not None else self.model.state_dict(),
+                           self.dev)
 
     def finish(self, result: dict) -> dict:
         out = self.loop.run_dir
-        result["samples"] = str(write_samples(ema_model(self.gcfg, self.ema, self.dev), self.tok, self.num_classes,
+        result["samples"] = str(write_samples(self.grid_model(), self.tok, self.num_classes,
                                               self.cfg.samples_per_class, out, "final"))
         checkpoint.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
         print(f"generator: {result['steps']} steps in {result['seconds'] / 60:.1f} min; class-conditional samples "

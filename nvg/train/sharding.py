@@ -66,8 +66,9 @@ def ema_update(ema: T.EMA, model: NVGGenerator) -> None:
             ema.shadow[k].lerp_(_full(v).float(), 1 - ema.decay)
 
 
-def ema_model(gcfg: GeneratorConfig, ema: T.EMA, device) -> NVGGenerator:
-    """A plain (unsharded) generator holding the EMA weights, for sample grids."""
+def plain_model(gcfg: GeneratorConfig, weights: dict, device) -> NVGGenerator:
+    """A plain (unsharded) eval-mode generator holding `weights` (the EMA copy, or the raw weights), for sample
+    grids."""
     m = NVGGenerator(gcfg).to(device)
-    m.load_state_dict({**m.state_dict(), **{k: v.to(device) for k, v in ema.state_dict().items()}})
+    m.load_state_dict({**m.state_dict(), **{k: v.to(device) for k, v in weights.items()}})
     return m.eval()
