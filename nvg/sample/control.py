@@ -77,11 +77,11 @@ def structure_transfer(sampler: Sampler, images: Tensor, classes: Tensor, stages
                        sc: SampleConfig | None = None, seed: int | None = None) -> VGS:
     """Reuse the label maps of stages 0..stages-1 of reference images (B, 3, H, W), encoded by the sampler's tokenizer,
     to generate `classes` (B,)."""
-    check_reference_images(images)
+    ref = encode_references(sampler, images)
     S = sampler.model.config.num_stages
     if not 1 <= stages <= S:
         raise ValueError(f"stages must be in [1, {S}], got {stages}")
-    return structure_guided(sampler, classes, encode_references(sampler, images).labels[:, :stages], sc, seed)
+    return structure_guided(sampler, classes, ref.labels[:, :stages], sc, seed)
 
 
 @torch.no_grad()
@@ -90,25 +90,20 @@ def regenerate(sampler: Sampler, images: Tensor, keep_stages: int, classes: Tens
     """Stage-wise regeneration: keep stages < keep_stages (content and structure, or the structure only) of each
     reference image's sequence (encoded by the sampler's tokenizer) and generate the remaining stages for `classes`
     (B,) (same or other classes)."""
-    check_reference_images(images)
+    ref = encode_references(sampler, images)
     S = sampler.model.config.num_stages
     if not 1 <= keep_stages < S:
         raise ValueError(f"keep_stages must be in [1, {S - 1}], got {keep_stages}")
-    ref = encode_references(sampler, images)
     tokens = None if keep_structure_only else ref.tokens[:keep_stages]
     return sampler.generate(torch.as_tensor(classes), sc, seed=seed, structure=ref.labels[:, :keep_stages],
                             tokens=tokens)
 
 
-def check_reference_images(images) -> None:
-    """Reference images must be a (B, 3, H, W) tensor; the error also catches calls in the older form, which passed a
-    tokenizer where the images now go."""
+def encode_references(sampler: Sampler, images: Tensor) -> VGS:
+    """Reference images (B, 3, H, W) in [-1, 1] -> their visual granularity sequences, by the sampler's tokenizer.
+    Checked first, so that a call in the older form (a tokenizer where the images now go) gets a clear error."""
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         what = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"reference images must be a tensor (B, 3, H, W), got {what} (the tokenizer is the "
                          f"sampler's: no tokenizer argument)")
-
-
-def encode_references(sampler: Sampler, images: Tensor) -> VGS:
-    """Reference images (B, 3, H, W) in [-1, 1] -> their visual granularity sequences, by the sampler's tokenizer."""
     return sampler.tokenizer.encode(images.to(sampler.quantizer.embedding.weight.device))
