@@ -198,13 +198,22 @@ def test_ddp_gloo_ranks_hold_identical_weights(tokenizer_ckpt, tmp_path):
     assert ckpt.state()["step"] == 3 and len(ckpt.state()["ranks"]) == 2
 
 
-def test_fsdp2_gloo_resume_is_exact(tokenizer_ckpt, tmp_path):
-    full = _cfg(tokenizer_ckpt, tmp_path / "full", steps=4, batch_size=2, fsdp=True)
-    _torchrun(full, 29534)
-    _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), stop_after=2), 29535)
-    _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), resume=True), 29536)
+@pytest.mark.parametrize("ema_decay", [0.9, 0.0])
+def test_fsdp2_gloo_resume_is_exact(tokenizer_ckpt, tmp_path, ema_decay):
+    port = 29534 if ema_decay else 29544
+    full = _cfg(tokenizer_ckpt, tmp_path / "full", steps=4, batch_size=2, fsdp=True, ema_decay=ema_decay)
+    _torchrun(full, port)
+    _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), stop_after=2), port + 1)
+    _torchrun(dataclasses.replace(full, out_dir=str(tmp_path / "cut"), resume=True), port + 2)
     a, b = (open_checkpoint(tmp_path / n) for n in ("full", "cut"))
     assert b.state()["step"] == 4
+    # an EMA copy only at decay > 0, under FSDP too; without one the grids gather the weights when drawn (the cut
+    # run's grid at its stop, the full run's final grid)
+    assert a.has_ema == b.has_ema == (ema_decay > 0)
+    assert (tmp_path / "cut" / "samples_000002.png").exists() and (tmp_path / "full" / "samples_final.png").exists()
+    if ema_decay:
+        ea, eb = a.ema_weights(), b.ema_weights()
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)
     wa, wb = a.weights(ema=False), b.weights(ema=False)
     assert set(wa) == set(NVGGenerator(GeneratorConfig(**a.config["model"])).state_dict())
     for k in wa:

@@ -177,9 +177,9 @@ class GeneratorTrainer:
         self.peak_lr = cfg.lr if cfg.lr else 1e-4 * cfg.batch_size * d.world_size / 256
         self.fsdp = cfg.fsdp and d.world_size > 1
         # the averaged weights: a full fp32 copy on every rank. At decay 0 they are the raw weights and no copy is kept
-        # (the checkpoints then hold no ema.safetensors and load the raw weights), except under FSDP, where the copy
-        # is the main rank's gathered view of the weights for the sample grids
-        self.ema = T.EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 or self.fsdp else None
+        # (the checkpoints then hold no ema.safetensors and load the raw weights)
+        self.ema = T.EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self._grid_weights = None  # FSDP without EMA: the full weights, gathered for the sample grids only
         self.opt = None  # made in wrap(), after sharding
         self.gen = torch.Generator(dev).manual_seed(cfg.seed * 7919 + d.rank)  # null-class / noise draws
 
@@ -289,10 +289,23 @@ class GeneratorTrainer:
         write_samples(self.grid_model(), self.tok, self.num_classes,
                       min(self.cfg.samples_per_class, 4), self.loop.run_dir, tag)
 
+    def gather_for_images(self) -> None:
+        """Every rank, before `images`: under FSDP without EMA, gather the full weights (a collective) for the grid."""
+        if self.fsdp and self.ema is None:
+            self._grid_weights = full_weights(self.model, True)
+
     def grid_model(self) -> NVGGenerator:
-        """An eval-mode copy of the weights the checkpoints sample: the EMA copy, or the raw weights (main rank)."""
-        return plain_model(self.gcfg, self.ema.state_dict() if self.ema is not None else self.model.state_dict(),
-                           self.dev)
+        """An eval-mode copy of the weights the checkpoints sample: the EMA copy, or the raw weights (main rank;
+        under FSDP the ones gathered for the grid, else those of the last checkpoint)."""
+        if self.ema is not None:
+            weights = self.ema.state_dict()
+        elif not self.fsdp:
+            weights = self.model.state_dict()
+        else:
+            weights = self._grid_weights
+            if weights is None:  # e.g. a resumed run that was already complete: nothing was gathered
+                weights = checkpoint.open_checkpoint(self.loop.run_dir, self.kind).weights(ema=False)
+        return plain_model(self.gcfg, weights, self.dev)
 
     def finish(self, result: dict) -> dict:
         out = self.loop.run_dir

@@ -13,7 +13,8 @@ A trainer is an object with:
     options() -> dict                what a resumed run must match (model options, tokenizer hash)
     step(indices, step, epoch) -> dict[str, Tensor]   one training step (calls loop.update); scalars to log
 and optionally: state_dict() / load_state_dict(state) (optimizers, discriminator ...), rank_state() /
-load_rank_state(state) (per-rank generators), weights() / load_weights(ckpt) (e.g. FSDP), images(step, tag),
+load_rank_state(state) (per-rank generators), weights() / load_weights(ckpt) (e.g. FSDP), gather_for_images() (every
+rank, before images: e.g. FSDP's gather), images(step, tag),
 finish(result) -> dict (final evaluation on the main rank), log_text(scalars) -> dict (progress-bar fields).
 """
 
@@ -265,9 +266,12 @@ class Loop:
                     stop_reason = f"time budget of {cfg.max_minutes} min reached"
                 elif cfg.stop_after is not None and self.step >= cfg.stop_after:
                     stop_reason = f"stop_after={cfg.stop_after}"
-                if d.is_main and hasattr(trainer, "images") and not signalled and (
+                if hasattr(trainer, "images") and not signalled and (
                         self.step % cfg.image_every == 0 or self.step == cfg.steps or stop_reason):
-                    trainer.images(self.step, "final" if self.step == cfg.steps else f"{self.step:06d}")
+                    if hasattr(trainer, "gather_for_images"):  # every rank: a collective under FSDP
+                        trainer.gather_for_images()
+                    if d.is_main:
+                        trainer.images(self.step, "final" if self.step == cfg.steps else f"{self.step:06d}")
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop_reason:
                     self.save(trainer, epoch, b + 1)
                 if stop_reason:

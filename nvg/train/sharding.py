@@ -2,7 +2,8 @@
 
 Under FSDP2 (`fully_shard`) parameters, gradients and optimizer state are sharded across ranks; checkpoints still hold
 full tensors (gathered with torch.distributed.checkpoint's state-dict API), so a run can resume with or without it
-only in the same mode (the optimizer state layout differs). The EMA is a full fp32 copy on every rank.
+only in the same mode (the optimizer state layout differs). The EMA (decay > 0 only) is a full fp32 copy on every
+rank; without it the sample grids gather the full weights when they are drawn.
 """
 
 from __future__ import annotations
