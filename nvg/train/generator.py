@@ -37,8 +37,8 @@ class TrainConfig(LoopConfig):
     --sample-steps 25 --sample-content-cfg 1 3.5 --sample-structure-cfg 1 2.5`."""
 
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
-    preset: str = "nvg-tiny"  # generator preset (the main job's: the official structure transformer, which beat the
-    # fast variant at its budget, README "Fast NVG"; `--preset nvg-tiny-fast` for the fast one); latent size,
+    preset: str = "nvg-tiny"  # generator preset (the main job's: the official structure transformer, a little ahead
+    # of the fast variant at its budget, README "Fast NVG"; `--preset nvg-tiny-fast` for the fast one); latent size,
     # channels, vocabulary and classes come from the data
     depth: int | None = None  # override the preset's depth / width / head_dim
     width: int | None = None
@@ -51,7 +51,7 @@ class TrainConfig(LoopConfig):
     batch_size: int = 8  # per process
     log_every: int = 10
     ckpt_every: int = 250
-    lr: float | None = 6e-3  # peak LR (main job: 6e-3 beat 3e-3 and 1.2e-2 at 2000 steps, README "Quick start");
+    lr: float | None = 6e-3  # peak LR (main job: 6e-3 beat 3e-3 and 1.2e-2 at 2000 steps, docs/experiments.md §1);
     # None or 0 = 1e-4 x global batch / 256 (official scaling)
     schedule: str = "wsd"  # warm-up, constant, linear decay to final_lr_ratio from decay_start x steps
     warmup_steps: int = 50  # official: 1000
@@ -61,7 +61,7 @@ class TrainConfig(LoopConfig):
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = no averaging (no EMA copy; the checkpoints hold the raw weights only). Official:
     # 0.9999 (hundreds of thousands of steps). At the main job's few thousand steps the schedule's decay already
-    # anneals, and EMA 0.99 sampled worse than the raw weights of the same runs (README "Quick start")
+    # anneals, and EMA 0.99 sampled worse than the raw weights of the same runs (docs/experiments.md §1)
     null_class_prob: float = 0.1  # classifier-free guidance training
     repa_weights: str | None = None  # DINOv2 ViT-*/14 state_dict file: enables REPA (official: ViT-B/14, weight 0.5)
     repa_weight: float = 0.5
@@ -76,7 +76,7 @@ class TrainConfig(LoopConfig):
     # model better than 25 at its budget (README "Fast NVG", quality against structure steps)
     # the CFG schedules (start, end) the checkpoint records as nvg.sample's defaults for this model (and its grids
     # use). Main job: (1, 7) and (1, 6) beat the official (1, 3.5) and (1, 2.5) in FD-proxy and class accuracy on
-    # both variants at its budget (README "Fast NVG", quality against guidance)
+    # both variants at its budget (docs/experiments.md §2, quality against guidance)
     sample_content_cfg: tuple[float, float] = (1.0, 7.0)
     sample_structure_cfg: tuple[float, float] = (1.0, 6.0)
 
