@@ -28,7 +28,8 @@ MAIN_JOB_TOKENIZER = dict(preset="tiny-ae-32px-8x8-v256", dataset="fashion-mnist
 # defaults); main_job sets the time cap from what is left. The official structure transformer, not the fast variant:
 # trained alike for this budget on the same tokenizer (three seeds each), the official one is a little ahead on average
 # in FD-proxy and class accuracy, within the spread of runs (the issue's rule keeps the fast one only if it is at
-# least as good in both; README "Fast NVG", quality at equal budget). Sampled with 2 steps, the official model is still 5x faster than with its official 25.
+# least as good in both; README "Fast NVG", quality at equal budget). Sampled with 2 steps, the official model is
+# still 5x faster than with its official 25.
 MAIN_JOB_GENERATOR: dict = {}
 
 
