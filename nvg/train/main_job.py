@@ -26,10 +26,10 @@ MAIN_JOB_TOKENIZER = dict(preset="tiny-ae-32px-8x8-v256", dataset="fashion-mnist
 # the generator: nvg.train.generator.TrainConfig's defaults are the main job's tiny CPU run (nvg-tiny, 5000 steps of
 # batch 8 at peak lr 6e-3, recording 2 Euler structure steps and CFG schedules 1 -> 7 / 1 -> 6 as its sampling
 # defaults); main_job sets the time cap from what is left. The official structure transformer, not the fast variant:
-# trained alike for this budget on the same tokenizer (three seeds each), the official one is a little ahead on average
-# in FD-proxy and class accuracy, within the spread of runs (the issue's rule keeps the fast one only if it is at
-# least as good in both; README "Fast NVG", quality at equal budget). Sampled with 2 steps, the official model is
-# still 5x faster than with its official 25.
+# trained alike for this budget (three seeds on each of two tokenizers), the official one is ahead on average in
+# FD-proxy and class accuracy on both, by less than the spread of runs (the fast one would be kept only if at least as
+# good in both; README "Fast NVG", quality at equal budget). Sampled with 2 steps, the official model is still 5x
+# faster than with its official 25.
 MAIN_JOB_GENERATOR: dict = {}
 
 
