@@ -167,6 +167,23 @@ def test_bad_configurations(tmp_path):
         Tokenizer.from_checkpoint(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_ema_decay_outside_zero_one_is_refused(tmp_path, decay):
+    with pytest.raises(ValueError, match=r"--ema-decay must be in \[0, 1\)"):
+        run(tmp_path, "x", ema_decay=decay)
+
+
+def test_ema_decay_zero_keeps_no_copy_and_resumes_exactly(tmp_path):
+    straight = run(tmp_path, "straight", ema_decay=0.0)
+    assert not open_checkpoint(tmp_path / "straight").has_ema and "val_ema" not in straight
+    assert (tmp_path / "straight" / "recon_raw.png").exists() and not (tmp_path / "straight" / "recon_ema.png").exists()
+    run(tmp_path, "resumed", ema_decay=0.0, stop_after=3)
+    run(tmp_path, "resumed", ema_decay=0.0, resume=True)
+    a, b = weights(latest(tmp_path / "straight")), weights(latest(tmp_path / "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    Tokenizer.from_checkpoint(tmp_path / "straight")  # loads the raw weights
+
+
 def test_fresh_run_into_an_existing_run_is_refused(tmp_path):
     first = run(tmp_path, "r", steps=2, disc="none")
     before = sorted(p.name for p in (tmp_path / "r").iterdir())

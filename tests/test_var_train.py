@@ -73,6 +73,23 @@ def test_resume_rejects_a_different_model(tokenizer_run, tmp_path):
             train_module.VAR_PRESETS.update(presets)
 
 
+def test_ema_decay_zero_keeps_no_copy(tmp_path):
+    """Both stages at --ema-decay 0: no EMA copy in the checkpoints, grids and validation from the raw weights."""
+    res = main(TrainConfig(stage="both", out_dir=str(tmp_path), **dict(TINY, ema_decay=0.0, eval_samples=2)))
+    for stage in ("tokenizer", "transformer"):
+        assert not open_checkpoint(tmp_path / stage).has_ema, stage
+    assert "val_raw" in res["tokenizer"] and "val_ema" not in res["tokenizer"]
+    assert (tmp_path / "tokenizer" / "recon.png").exists() and (tmp_path / "transformer" / "samples.png").exists()
+    assert not (tmp_path / "transformer" / "samples_ema.png").exists()
+    load_vqvae(str(tmp_path / "tokenizer"), device="cpu")  # the raw weights (no EMA copy kept)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.5])
+def test_ema_decay_outside_zero_one_is_refused(tmp_path, decay):
+    with pytest.raises(ValueError, match=r"--ema-decay must be in \[0, 1\)"):
+        main(TrainConfig(out_dir=str(tmp_path), ema_decay=decay))
+
+
 def test_bad_options_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--stage must be"):
         main(TrainConfig(stage="all", out_dir=str(tmp_path)))

@@ -84,6 +84,23 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- EMA
+def check_ema_decay(decay: float) -> None:
+    """Every trainer's --ema-decay: in [0, 1), 0 = no averaging (no EMA copy is kept)."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1) (0: no averaging), got {decay}")
+
+
+def make_ema(model: nn.Module, decay: float) -> EMA | None:
+    """An EMA of `model`, or None at decay 0 (the checkpoints then hold the raw weights only)."""
+    check_ema_decay(decay)
+    return EMA(model, decay) if decay > 0 else None
+
+
+def ema_weights(ema: EMA | None, model: nn.Module):
+    """`ema.applied(model)`, or the raw weights as they are when there is no EMA."""
+    return ema.applied(model) if ema is not None else contextlib.nullcontext(unwrap(model))
+
+
 class EMA:
     """Exponential moving average of a model's floating-point parameters and buffers (fp32 shadow copies)."""
 

@@ -82,8 +82,7 @@ class TrainConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema-decay must be in [0, 1) (0: no averaging), got {self.ema_decay}")
+        T.check_ema_decay(self.ema_decay)
         if not 0 <= self.null_class_prob < 1:
             raise ValueError(f"--null-class-prob must be in [0, 1), got {self.null_class_prob}")
         if self.samples_per_class < 1 or (self.sample_steps is not None and self.sample_steps < 1):
@@ -178,7 +177,7 @@ class GeneratorTrainer:
         self.fsdp = cfg.fsdp and d.world_size > 1
         # the averaged weights: a full fp32 copy on every rank. At decay 0 they are the raw weights and no copy is kept
         # (the checkpoints then hold no ema.safetensors and load the raw weights)
-        self.ema = T.EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = T.make_ema(self.model, cfg.ema_decay)
         self._grid_weights = None  # FSDP without EMA: the full weights, gathered for the sample grids only
         self.opt = None  # made in wrap(), after sharding
         self.gen = torch.Generator(dev).manual_seed(cfg.seed * 7919 + d.rank)  # null-class / noise draws

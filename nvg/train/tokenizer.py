@@ -35,7 +35,7 @@ class TrainConfig(LoopConfig):
     schedule: str = "constant"  # official AE as released keeps the LR constant; "cosine" as in the paper
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # 0 = no averaging (no EMA copy, no ema images or EMA validation)
     ibq_epochs: int = 1  # IBQ codebook warm-up for the first epochs (official smooth_end_epoch: 1)
     l1_weight: float = 1.0
     vq_weight: float = 1.0
@@ -57,6 +57,7 @@ class TrainConfig(LoopConfig):
             raise ValueError("--disc dino needs --dino-weights (a DINO ViT-S/16 state dict; nothing is downloaded)")
         if self.lr <= 0 or self.eval_images < 0:
             raise ValueError(f"--lr must be > 0 and --eval-images >= 0, got {self.lr} and {self.eval_images}")
+        T.check_ema_decay(self.ema_decay)
         TokenizerConfig.from_name(self.preset)  # an unknown preset is refused before any work
 
 
@@ -127,7 +128,7 @@ class TokenizerTrainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.opt_d = (torch.optim.AdamW(self.d_params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=5e-4)
                       if self.disc else None)
-        self.ema = T.EMA(self.model, cfg.ema_decay)
+        self.ema = T.make_ema(self.model, cfg.ema_decay)  # None at --ema-decay 0
         self.lpips = None
         if cfg.lpips_weights:
             from .lpips import LPIPS
@@ -187,7 +188,8 @@ class TokenizerTrainer:
                 for p in self.d_params:
                     p.requires_grad_(True)
         if self.loop.update(self.opt, loss, self.model.parameters(), cfg.grad_clip, "tokenizer loss"):
-            self.ema.update(self.model)
+            if self.ema is not None:
+                self.ema.update(self.model)
         scalars = {"loss": loss.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}
         if use_disc:
             T.set_lr(self.opt_d, lr)
@@ -211,19 +213,22 @@ class TokenizerTrainer:
 
     def images(self, step: int, tag: str) -> None:
         out = self.loop.run_dir
-        with self.ema.applied(self.model):
-            write_images(self.model, self.fixed_x, out, "ema")
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                write_images(self.model, self.fixed_x, out, "ema")
         write_images(self.model, self.fixed_x, out, "raw")
 
     def finish(self, result: dict) -> dict:
         out = self.loop.run_dir
         result["val_raw"] = evaluate(self.model, self.val_set, self.cfg.eval_images, 64, self.dev)
-        with self.ema.applied(self.model):
-            result["val_ema"] = evaluate(self.model, self.val_set, self.cfg.eval_images, 64, self.dev)
+        ema = ""
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                result["val_ema"] = evaluate(self.model, self.val_set, self.cfg.eval_images, 64, self.dev)
+            ema = f", EMA {result['val_ema']['psnr']:.2f} dB"
         checkpoint.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
         print(f"tokenizer: {result['steps']} steps in {result['seconds'] / 60:.1f} min; val PSNR raw "
-              f"{result['val_raw']['psnr']:.2f} dB, EMA {result['val_ema']['psnr']:.2f} dB; images, loss curve and "
-              f"checkpoints in {out}")
+              f"{result['val_raw']['psnr']:.2f} dB{ema}; images, loss curve and checkpoints in {out}")
         return result
 
 

@@ -62,7 +62,7 @@ class TrainConfig(LoopConfig):
     warmup_steps: int | None = None  # default: 2% of the steps
     label_smoothing: float = 0.0
     grad_clip: float = 2.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # 0 = no averaging (no EMA copy; the checkpoints hold the raw weights only)
     cfg_scale: float = 1.5  # sampling: guidance at the last scale (released)
     top_k: int = 0  # sampling filters (0 / 1.0 = off); released FID settings at 256 px: 900 / 0.96
     top_p: float = 1.0
@@ -72,6 +72,7 @@ class TrainConfig(LoopConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        T.check_ema_decay(self.ema_decay)
         if self.stage not in ("tokenizer", "transformer", "both"):
             raise ValueError(f"--stage must be 'tokenizer', 'transformer' or 'both', got {self.stage!r}")
         if self.disc not in ("patch", "none"):
@@ -130,7 +131,7 @@ class VARTrainer:
         check_pair(self.model, vae.quantize)
         self.opt = torch.optim.AdamW(adamw_groups(self.model, cfg.weight_decay, NO_DECAY), lr=cfg.lr,
                                      betas=(0.9, 0.95))
-        self.ema = T.EMA(self.model, cfg.ema_decay)
+        self.ema = T.make_ema(self.model, cfg.ema_decay)  # None at --ema-decay 0
         self.net = DDP(self.model) if loop.dist.world_size > 1 else self.model
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 50
         self.vae_hash = checkpoint.content_hash(vae.state_dict())
@@ -162,22 +163,23 @@ class VARTrainer:
             logits_BLV = self.net(labels, x_BLCv)
         loss = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(),
                                label_smoothing=cfg.label_smoothing)
-        if self.loop.update(self.opt, loss, var.parameters(), cfg.grad_clip, "VAR loss"):
+        if self.loop.update(self.opt, loss, var.parameters(), cfg.grad_clip, "VAR loss") and self.ema is not None:
             self.ema.update(var)
         last = var.begin_ends[-1][0]  # accuracy on the last scale (VAR's "tail")
         tail_acc = (logits_BLV[:, last:].detach().argmax(-1) == target_BL[:, last:]).float().mean()
         return {"loss": loss.detach(), "tail_acc": tail_acc}
 
     def images(self, step: int, tag: str) -> None:
-        with self.ema.applied(self.model):
+        with T.ema_weights(self.ema, self.model):
             grid, _ = draw_samples(self.model, self.vae, self.var_config.num_classes, self.cfg)  # one per class
-        T.save_image_grid(grid.float() / 127.5 - 1, self.loop.run_dir / "samples_ema.png",
+        name = "samples_ema.png" if self.ema is not None else "samples.png"
+        T.save_image_grid(grid.float() / 127.5 - 1, self.loop.run_dir / name,
                           nrow=self.var_config.num_classes, scale=2)
 
     def finish(self, result: dict) -> dict:
         cfg, out = self.cfg, self.loop.run_dir
         if cfg.eval_samples > 0:
-            with self.ema.applied(self.model):
+            with T.ema_weights(self.ema, self.model):
                 images, labels = draw_samples(self.model, self.vae, cfg.eval_samples, cfg)
             tmp = out / ".samples.tmp.npz"
             np.savez(tmp, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())

@@ -56,7 +56,7 @@ class VQVAETrainer:
                                      weight_decay=0.0)
         self.opt_d = (torch.optim.AdamW(self.disc.parameters(), lr=cfg.tokenizer_lr, betas=(0.9, 0.95),
                                         weight_decay=5e-4) if self.disc is not None else None)
-        self.ema = T.EMA(self.model, cfg.ema_decay)
+        self.ema = T.make_ema(self.model, cfg.ema_decay)  # None at --ema-decay 0
         self.fixed_x = T.collate(val_set, list(range(min(16, len(val_set)))))[0].to(dev)
         d = loop.dist
         self.net = DDP(self.model) if d.world_size > 1 else self.model
@@ -96,7 +96,8 @@ class VQVAETrainer:
         if self.loop.update(self.opt, loss, vae.parameters(), cfg.grad_clip, "VAR tokenizer loss"):
             with torch.no_grad():  # per-scale usage record kept in the checkpoint (released buffer)
                 vae.quantize.ema_vocab_hit_SV.mul_(0.99).add_(T.all_reduce_mean(hits_SV), alpha=0.01)
-            self.ema.update(vae)
+            if self.ema is not None:
+                self.ema.update(vae)
         scalars = {"loss": loss.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}
         if use_disc:
             with T.autocast(dev, cfg.amp):
@@ -108,18 +109,20 @@ class VQVAETrainer:
     @torch.no_grad()
     def images(self, step: int, tag: str) -> None:
         vae = self.model
-        with self.ema.applied(vae):
+        name = "recon_ema.png" if self.ema is not None else "recon.png"
+        with T.ema_weights(self.ema, vae):
             vae.eval()
             T.save_image_grid(torch.cat([self.fixed_x, vae.decode(vae.encode(self.fixed_x))]),
-                              self.loop.run_dir / "recon_ema.png", nrow=len(self.fixed_x), scale=2)
+                              self.loop.run_dir / name, nrow=len(self.fixed_x), scale=2)
             vae.train()
 
     def finish(self, result: dict) -> dict:
-        with self.ema.applied(self.model):
-            result["val_ema"] = evaluate_tokenizer(self.model, self.val_set, self.cfg.eval_images, 64, self.dev)
+        key, label = ("val_ema", "EMA") if self.ema is not None else ("val_raw", "raw")
+        with T.ema_weights(self.ema, self.model):
+            result[key] = evaluate_tokenizer(self.model, self.val_set, self.cfg.eval_images, 64, self.dev)
         checkpoint.atomic_write_text(self.loop.run_dir / "metrics.json", json.dumps(result, indent=2))
-        print(f"var tokenizer: {result['steps']} steps, val PSNR (EMA) {result['val_ema']['psnr']:.2f} dB, "
-              f"usage {result['val_ema']['usage']:.2f}; checkpoints in {self.loop.run_dir}")
+        print(f"var tokenizer: {result['steps']} steps, val PSNR ({label}) {result[key]['psnr']:.2f} dB, "
+              f"usage {result[key]['usage']:.2f}; checkpoints in {self.loop.run_dir}")
         return result
 
 
