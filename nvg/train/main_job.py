@@ -23,13 +23,12 @@ MAIN_JOB_QUALITY_SAMPLES = 300  # samples (classes in turn) scored at the end: c
 # the tiny tokenizer: the 256-code variant of the 8x8 preset (an easier vocabulary for a generator trained for minutes)
 MAIN_JOB_TOKENIZER = dict(preset="tiny-ae-32px-8x8-v256", dataset="fashion-mnist", steps=1000, batch_size=32, lr=4e-4,
                           ema_decay=0.995, max_minutes=4.5, image_every=250, ckpt_every=250)
-# the generator: nvg.train.generator.TrainConfig's defaults are the main job's tiny CPU run (nvg-tiny, 5000 steps of
-# batch 8 at peak lr 6e-3, recording 2 Euler structure steps and CFG schedules 1 -> 7 / 1 -> 6 as its sampling
-# defaults); main_job sets the time cap from what is left. The official structure transformer, not the fast variant:
-# trained alike for this budget (three seeds on each of two tokenizers), the official one is ahead on average in
-# FD-proxy and class accuracy on both, by less than the spread of runs (the fast one would be kept only if at least as
-# good in both; README "Fast NVG", quality at equal budget). Sampled with 2 steps, the official model is still 5x
-# faster than with its official 25.
+# the generator: nvg.train.generator.TrainConfig's defaults are the main job's tiny CPU run (nvg-tiny-fast, 5000 steps
+# of batch 8 at peak lr 6e-3, recording 2 Euler structure steps and CFG schedules 1 -> 7 / 1 -> 6 as its sampling
+# defaults); main_job sets the time cap from what is left. The fast variant (prefix-cached structure flow): trained
+# alike for this budget, ten runs each on two tokenizers, its means are at least as good as the official structure
+# transformer's in FD-proxy and class accuracy (by far less than the spread of runs; README "Fast NVG", quality at
+# equal budget), and it trains a few % more steps and samples faster.
 MAIN_JOB_GENERATOR: dict = {}
 
 
