@@ -28,7 +28,9 @@ from nvg.model import GeneratorConfig, NVGGenerator, generator_loss
 from nvg.tokenizer import Tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PRESET, TOKENIZER = "nvg-tiny", "tiny-ae-32px-8x8-v256"  # the main job's
+# the official model on the main job's tokenizer (the fast_variant row times the main job's own preset, nvg-tiny-fast,
+# since commit a0ec228)
+PRESET, TOKENIZER = "nvg-tiny", "tiny-ae-32px-8x8-v256"
 _BATCH8: dict = {}  # images/s of the batch-8 row of this run
 
 

@@ -1,11 +1,12 @@
-"""Eager against torch.compile for the main job's generator training step, interleaved in one process.
+"""Eager against torch.compile for the official tiny generator's training step, interleaved in one process.
 
     python tools/train_step_interleaved.py [--blocks 8] [--steps 40] [--batch 8]
 
 `pytest benchmarks/bench_train_step.py` times its rows one after another, so a VM whose speed drifts between rows puts
-the drift into the ratio. Here both steps (benchmarks/bench_train_step.make_step: the main job's `nvg-tiny`
-shapes, random weights) are built first (the compile time is printed), then run in alternating blocks of `--steps`
-steps (eager first in even blocks, compiled first in odd ones); prints steps/s per block and the total ratio.
+the drift into the ratio. Here both steps (benchmarks/bench_train_step.make_step: `nvg-tiny`, the official model, on
+the main job's tokenizer, random weights) are built first (the compile time is printed), then run in alternating
+blocks of `--steps` steps (eager first in even blocks, compiled first in odd ones); prints steps/s per block and the
+total ratio.
 """
 
 from __future__ import annotations

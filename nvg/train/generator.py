@@ -37,9 +37,9 @@ class TrainConfig(LoopConfig):
     --sample-steps 25 --sample-content-cfg 1 3.5 --sample-structure-cfg 1 2.5`."""
 
     tokenizer: str = "runs/main/tokenizer"  # tokenizer run directory or checkpoint directory (frozen)
-    preset: str = "nvg-tiny-fast"  # generator preset (the main job's: the fast variant, at least as good as the official
-    # structure transformer at its budget on the means of ten runs each, README "Fast NVG"; `--preset nvg-tiny` for
-    # the official one); latent size, channels, vocabulary and classes come from the data
+    preset: str = "nvg-tiny-fast"  # generator preset (the main job's: the fast variant, at least as good as the
+    # official structure transformer at its budget on the means of ten runs each, README "Fast NVG"; `--preset
+    # nvg-tiny` for the official one); latent size, channels, vocabulary and classes come from the data
     depth: int | None = None  # override the preset's depth / width / head_dim
     width: int | None = None
     head_dim: int | None = None
